@@ -1,0 +1,54 @@
+"""Caption every image of a folder end to end: image -> frozen encoder -> captioner -> text.
+
+What hw3_2.sh runs. Readable images are batched through the encoder and decoded together;
+unreadable ones are reported (one stderr line each) and returned, so the caller can still write
+the captions of all the others and signal the skip in its exit status.
+"""
+import sys
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+from models.decoding import caption_text, generate
+from models.imageio import image_loader, list_images, report_skip
+
+
+class DuplicateNameError(ValueError):
+    pass
+
+
+def image_names(paths):
+    """{name without extension: path}; two files with one name (a.jpg, a.png) are an error."""
+    by_name = defaultdict(list)
+    for p in paths:
+        by_name[p.stem].append(p)
+    clashes = {n: ps for n, ps in by_name.items() if len(ps) > 1}
+    if clashes:
+        n, ps = next(iter(clashes.items()))
+        raise DuplicateNameError(f"{len(clashes)} caption key(s) would be written twice, e.g. "
+                                 f"{n!r} from {', '.join(str(p) for p in ps)}")
+    return {n: ps[0] for n, ps in by_name.items()}
+
+
+@torch.inference_mode()
+def caption_folder(img_dir, encoder, model, tokenizer, decode_config, batch_size=32,
+                   num_workers=0, device="cpu", stream=None):
+    """Returns ({name without extension: caption}, [ImageReadError, ...])."""
+    paths = list_images(img_dir, stream=stream or sys.stderr)
+    names = [p.stem for p in paths]
+    image_names(paths)
+    captions, skipped = {}, []
+    loader = image_loader(paths, encoder.preprocess, batch_size, num_workers)
+    with tqdm(total=len(paths), desc="caption", unit="img") as bar:
+        for batch in loader:
+            for err in batch.errors:
+                report_skip(err, stream)
+                skipped.append(err)
+            if batch.pixels is not None:
+                tokens = encoder(batch.pixels.to(device))
+                for i, hyp in zip(batch.indices, generate(model, tokens, decode_config,
+                                                          tokenizer.eot_id)):
+                    captions[names[i]] = caption_text(tokenizer, hyp.tokens)
+            bar.update(len(batch.indices) + len(batch.errors))
+    return captions, skipped

@@ -1,0 +1,158 @@
+"""The captioning model: frozen image tokens -> bridge -> frozen GPT-2 with a PEFT method.
+
+The image encoder is not part of this module: training reads its tokens from the feature
+cache, and hw3_2.sh runs the encoder in front of it.
+
+What starts unchanged (tests/test_captioner.py checks each, bit for bit):
+- LoRA (B = 0), bottleneck adapters (`up` = 0) and the adaption prompt (gates = 0) leave the
+  logits of the same captioner with PEFT method `none` unchanged, whatever the bridge.
+- The gated cross-attention bridge (tanh(0) = 0), with one of those methods or none, gives the
+  frozen decoder's own logits on the text, whatever the image.
+- Not so: prefix tuning (its keys take attention weight from the text whatever their values),
+  prompt tuning (the soft tokens are input tokens), the visual-prefix bridge (the image tokens are
+  part of the sequence, so there is no text-only forward) and the ungated cross bridge.
+"""
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.bridges import BridgeConfig, attach_bridge
+from models.gpt2 import GPT2, GPT2Config
+from models.peft import PeftConfig, apply_peft
+
+
+@dataclass
+class CaptionerConfig:
+    decoder: GPT2Config
+    visual_width: int
+    visual_tokens: int
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    encoder_id: str = ""  # what produced the image tokens (models/encoders.py)
+    tokenizer_id: str = ""  # sha256 of encoder.json + vocab.bpe
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        parts = {"decoder": GPT2Config, "bridge": BridgeConfig, "peft": PeftConfig}
+        for name, kind in parts.items():
+            d[name] = kind(**d[name])
+        return cls(**d)
+
+
+def config_differences(a, b, prefix=""):
+    """Names of the fields where two (nested) configs differ, with both values."""
+    out = []
+    for f in fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if hasattr(x, "__dataclass_fields__"):
+            out += config_differences(x, y, prefix + f.name + ".")
+        elif x != y:
+            out.append(f"{prefix}{f.name}: {x!r} != {y!r}")
+    return out
+
+
+@dataclass
+class ImageContext:
+    """What the decoder needs of a batch of images, computed once per image."""
+    visual: torch.Tensor | None  # projected tokens for cross-attention
+    prefix_embeds: torch.Tensor | None  # [visual prefix | soft prompt] input embeddings
+
+    def repeat_interleave(self, n):
+        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)
+        return ImageContext(rep(self.visual), rep(self.prefix_embeds))
+
+
+class Captioner(nn.Module):
+    def __init__(self, config, decoder):
+        """`decoder`: a GPT2 holding the pretrained weights (see gpt2.load_course_checkpoint)."""
+        super().__init__()
+        if config.decoder != decoder.config:
+            raise ValueError("decoder weights do not fit the configuration: "
+                             + "; ".join(config_differences(config.decoder, decoder.config)))
+        added = [n for n, _ in decoder.named_parameters() if part_of("decoder." + n) != PRETRAINED]
+        added += [f"h.{i}.attn.prefix" for i, b in enumerate(decoder.h) if b.attn.prefix is not None]
+        if added:
+            # Bridges and PEFT are attached to the decoder in place: a second Captioner on the
+            # same GPT2 would stack its modules on (or silently replace) the first one's.
+            raise ValueError(f"this GPT2 already carries a bridge or PEFT modules ({added[:3]}); "
+                             "build each Captioner around a freshly loaded decoder")
+        self.config = config
+        self.decoder = decoder
+        decoder.requires_grad_(False)
+        self.visual_proj = attach_bridge(decoder, config.bridge, config.visual_width)
+        self.prefix_encoder = None
+        self.soft_prompt = None
+        apply_peft(self, config.peft)
+
+    def context(self, visual_tokens):
+        """Project image tokens [B, V, D] for the chosen bridge."""
+        B = visual_tokens.size(0)
+        projected = self.visual_proj(visual_tokens.to(self.visual_proj.net[0].weight.dtype))
+        prefix = [projected] if self.config.bridge.kind == "prefix" else []
+        if self.soft_prompt is not None:
+            prefix.append(self.soft_prompt(B).to(projected.dtype))
+        return ImageContext(
+            visual=None if self.config.bridge.kind == "prefix" else projected,
+            prefix_embeds=torch.cat(prefix, dim=1) if prefix else None)
+
+    def new_cache(self, batch_size):
+        return self.decoder.new_cache(batch_size)
+
+    def forward(self, ctx, input_ids, cache=None, capture=False, logits_from=0):
+        """Logits [B, T, V] of the text tokens, given an ImageContext (see `context`)."""
+        return self.decoder(input_ids, cache=cache, prefix_embeds=ctx.prefix_embeds,
+                            visual=ctx.visual, capture=capture, logits_from=logits_from)
+
+    def loss(self, visual_tokens, input_ids, targets):
+        """The course's loss: inputs [eot, t1..tN, eot, pad..], targets [t1..tN, eot, -100..].
+
+        Logits are taken at text positions only, which is the same as giving every visual
+        prefix and soft-prompt position the target -100, without running lm_head on them.
+        """
+        logits = self(self.context(visual_tokens), input_ids)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    def visual_key_span(self):
+        """Where the visual-prefix tokens sit among a self-attention layer's keys."""
+        if self.config.bridge.kind != "prefix":
+            return None
+        start = self.config.peft.prefix_length if self.prefix_encoder is not None else 0
+        return start, start + self.config.visual_tokens
+
+    # --- the trainable part -------------------------------------------------------------------
+
+    def trainable_state_dict(self):
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_counts(self):
+        """Trainable and frozen parameters per part of the model, as {part: (trainable, frozen)}."""
+        trainable, frozen = Counter(), Counter()
+        for name, p in self.named_parameters():
+            (trainable if p.requires_grad else frozen)[part_of(name)] += p.numel()
+        return {k: (trainable[k], frozen[k]) for k in sorted(trainable.keys() | frozen.keys())}
+
+
+PRETRAINED = "gpt2 (pretrained)"
+
+
+def build_on_meta(config):
+    """The Captioner with shapes only (no memory, no initialisation), for parameter accounting
+    at any size, e.g. GPT-2 small with ViT-L/14 tokens, without loading any weights."""
+    with torch.device("meta"):
+        return Captioner(config, GPT2(config.decoder))
+
+
+def part_of(name):
+    for key, part in (("lora_", "lora"), (".cross.", "cross-attention"), ("adapter_", "adapters"),
+                      (".adaption.", "adaption prompt"), ("prefix_encoder", "prefix tuning"),
+                      ("soft_prompt", "prompt tuning"), ("visual_proj", "visual projection")):
+        if key in name:
+            return part
+    return PRETRAINED

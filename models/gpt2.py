@@ -1,0 +1,320 @@
+"""GPT-2 decoder that reads the course's `decoder_model.bin`, with the hooks captioning needs.
+
+One forward path serves training and incremental decoding: every call runs against a
+`Cache` (a fresh one when none is given), so self-attention always sees
+`[cached keys | new keys]` under a causal mask aligned to the lower right. Prefix-tuning
+keys/values are placed in a fresh cache before the first token, so they are "past" keys that
+every query may attend to.
+
+Hooks that the bridges and PEFT methods fill in (all None on a plain GPT-2):
+- `Block.cross`: cross-attention to the image after self-attention (models/bridges.py)
+- `Block.adapter_attn`, `Block.adapter_mlp`: bottleneck adapters on each sublayer's output
+- `CausalSelfAttention.prefix`: trainable per-layer key/value prefixes (prefix tuning)
+- `CausalSelfAttention.adaption`: gated attention over learned prompts (LLaMA-Adapter)
+"""
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+
+class LayerCache:
+    """Keys/values of one layer: self-attention so far, and the image's (computed once)."""
+
+    def __init__(self):
+        self.k = None  # [B, n_head, L, head_dim]
+        self.v = None
+        self.cross_k = None  # [B, n_head, V, head_dim]
+        self.cross_v = None
+
+    def append(self, k, v):
+        if self.k is not None:
+            k = torch.cat([self.k, k], dim=2)
+            v = torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class Cache:
+    """Per-layer caches plus the number of text positions consumed (for wpe)."""
+
+    def __init__(self, n_layer):
+        self.layers = [LayerCache() for _ in range(n_layer)]
+        self.text_len = 0
+        self.started = False  # prefix tokens (visual prefix, soft prompt) go in only once
+
+    def reorder(self, index):
+        """Select batch rows (beam search): every cached tensor is indexed along dim 0."""
+        for layer in self.layers:
+            for name in ("k", "v", "cross_k", "cross_v"):
+                t = getattr(layer, name)
+                if t is not None:
+                    setattr(layer, name, t.index_select(0, index))
+
+
+def split_heads(x, n_head):
+    B, T, C = x.shape
+    return x.view(B, T, n_head, C // n_head).transpose(1, 2)
+
+
+def merge_heads(x):
+    B, nh, T, hd = x.shape
+    return x.transpose(1, 2).reshape(B, T, nh * hd)
+
+
+def attend(q, k, v, mask=None, capture=False):
+    """Scaled dot-product attention; with capture, also return the weights [B, nh, T, L]."""
+    if not capture:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = att.softmax(dim=-1)
+    return att @ v, att
+
+
+def causal_mask(n_query, n_key, device):
+    """Query i (the i-th new token) sees every key up to and including its own place."""
+    if n_query == 1:
+        return None
+    past = n_key - n_query
+    i = torch.arange(n_query, device=device)[:, None]
+    j = torch.arange(n_key, device=device)[None, :]
+    return j <= past + i
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.prefix = None  # module: batch_size -> (k, v) of [B, n_head, P, head_dim]
+        self.adaption = None  # module: (q, attn) -> extra attention output [B, n_head, T, hd]
+
+    def forward(self, x, layer_cache, capture=False):
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))
+        k, v = layer_cache.append(k, v)
+        y, att = attend(q, k, v, causal_mask(q.size(2), k.size(2), x.device), capture)
+        if self.adaption is not None:
+            y = y + self.adaption(q, self)
+        return self.c_proj(merge_heads(y)), att
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+        self.cross = None
+        self.adapter_attn = None
+        self.adapter_mlp = None
+
+    def forward(self, x, layer_cache, visual=None, capture=False):
+        h, self_att = self.attn(self.ln_1(x), layer_cache, capture)
+        if self.adapter_attn is not None:
+            h = self.adapter_attn(h)
+        x = x + h
+        cross_att = None
+        if self.cross is not None:
+            h, cross_att = self.cross(x, visual, layer_cache, capture)
+            x = x + h
+        h = self.mlp(self.ln_2(x))
+        if self.adapter_mlp is not None:
+            h = self.adapter_mlp(h)
+        return x + h, (self_att, cross_att)
+
+
+class GPT2(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self, batch_size):
+        """A cache holding only the prefix-tuning keys/values (if any) of every layer."""
+        cache = Cache(len(self.h))
+        for block, layer_cache in zip(self.h, cache.layers):
+            if block.attn.prefix is not None:
+                layer_cache.append(*block.attn.prefix(batch_size))
+        return cache
+
+    def forward(self, idx, cache=None, prefix_embeds=None, visual=None, capture=False,
+                logits_from=0):
+        """Logits for the text tokens `idx` [B, T].
+
+        prefix_embeds: [B, P, C] input embeddings placed before the text on the first call
+            (visual prefix, soft prompt); they get no position embedding, so the text keeps
+            the positions the language model was pretrained on.
+        visual: what cross-attention bridges attend to (projected image tokens).
+        logits_from: compute logits only for text positions >= this (saves the lm_head).
+        Returns logits [B, T - logits_from, V] and, with capture, per-layer attention weights.
+        """
+        B, T = idx.shape
+        cache = cache if cache is not None else self.new_cache(B)
+        if cache.text_len + T > self.config.block_size:
+            raise ValueError(f"sequence of {cache.text_len + T} tokens exceeds block_size "
+                             f"{self.config.block_size}")
+        pos = torch.arange(cache.text_len, cache.text_len + T, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        n_prefix = 0
+        if prefix_embeds is not None and not cache.started:
+            x = torch.cat([prefix_embeds.to(x.dtype), x], dim=1)
+            n_prefix = prefix_embeds.size(1)
+        cache.started = True
+        attentions = []
+        for block, layer_cache in zip(self.h, cache.layers):
+            x, att = block(x, layer_cache, visual, capture)
+            attentions.append(att)
+        cache.text_len += T
+        x = self.ln_f(x[:, n_prefix + logits_from:])
+        logits = self.lm_head(x)
+        return (logits, attentions) if capture else logits
+
+
+# --- the course checkpoint format -------------------------------------------------------------
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# The causal-mask buffers of HF-era files. Matched as whole names: a plain suffix test on
+# "attn.bias" would also drop "attn.c_attn.bias".
+IGNORED_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+BASE_KEYS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+             "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+             "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def course_key_set(n_layer):
+    keys = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"}
+    keys |= {f"h.{i}.{k}" for i in range(n_layer) for k in BASE_KEYS}
+    return keys
+
+
+def normalise_keys(sd):
+    """Drop the attention-mask buffers and a tied lm_head; accept an HF "transformer." prefix."""
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    return {k: v for k, v in sd.items()
+            if not IGNORED_BUFFER.fullmatch(k) and k != "lm_head.weight"}
+
+
+def config_from_state_dict(sd, n_head=12, source="state dict"):
+    """Infer vocab, block size, width and depth from the tensors; n_head cannot be inferred."""
+    sd = normalise_keys(sd)
+    for key in ("wte.weight", "wpe.weight"):
+        if key not in sd:
+            raise CheckpointError(f"{source}: no '{key}': not a GPT-2 state dict in the course "
+                                  f"format (keys like {sorted(sd)[:3]})")
+        if sd[key].dim() != 2:
+            raise CheckpointError(f"{source}: '{key}' has shape {tuple(sd[key].shape)}, "
+                                  f"expected a 2-D (rows, n_embd) embedding")
+    vocab_size, n_embd = sd["wte.weight"].shape
+    block_size = sd["wpe.weight"].shape[0]
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))}
+    n_layer = max(layers) + 1 if layers else 0
+    try:
+        return GPT2Config(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer,
+                          n_head=n_head, n_embd=n_embd)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def course_state_dict(model):
+    """The decoder's own weights under the course's key names, Conv1D-shaped (in, out)."""
+    sd = {}
+    for key in sorted(course_key_set(model.config.n_layer)):
+        t = model.get_parameter(key).detach()
+        if key.endswith(CONV1D_WEIGHTS):
+            t = t.t()
+        sd[key] = t.contiguous().clone()
+    return sd
+
+
+def load_course_state_dict(model, sd, source="state dict"):
+    """Copy a course-format state dict into `model` (a plain GPT2), checking every key and shape."""
+    sd = normalise_keys(sd)
+    expected = course_key_set(model.config.n_layer)
+    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: keys do not match GPT-2 ({model.config.n_layer} layers): "
+                              f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                              f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    with torch.no_grad():
+        for key in sorted(expected):
+            t = sd[key]
+            if key.endswith(CONV1D_WEIGHTS):
+                t = t.t()
+            param = model.get_parameter(key)
+            if tuple(t.shape) != tuple(param.shape):
+                want = tuple(param.t().shape) if key.endswith(CONV1D_WEIGHTS) else tuple(param.shape)
+                got = tuple(sd[key].shape)
+                raise CheckpointError(f"{source}: '{key}' has shape {got}, expected {want} for "
+                                      f"n_embd={model.config.n_embd}")
+            param.copy_(t)
+    return model
+
+
+def read_state_dict(path):
+    """Read a .bin/.pt state dict safely (no pickled code runs), with errors naming the file."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as e:  # truncated zip, pickle with code, not a torch file ...
+        raise CheckpointError(f"{path}: cannot be read as a safe torch state dict "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return sd
+
+
+def load_course_checkpoint(path, n_head=12):
+    """The course's decoder_model.bin (or the demo one) as a GPT2 in fp32."""
+    sd = read_state_dict(path)
+    config = config_from_state_dict(sd, n_head, source=str(path))
+    model = GPT2(config)
+    return load_course_state_dict(model, {k: v.float() for k, v in sd.items()}, source=str(path))

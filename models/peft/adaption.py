@@ -1,0 +1,31 @@
+import math
+
+import torch
+import torch.nn as nn
+
+from models.gpt2 import split_heads
+from models.peft.config import chosen_layers
+
+
+class AdaptionPrompt(nn.Module):
+    """LLaMA-Adapter: learned prompt tokens that each query attends to in a separate softmax,
+    projected by the layer's own (frozen) key/value weights, added behind a zero-initialised gate
+    per head, so training starts from the unchanged language model."""
+
+    def __init__(self, n_embd, n_head, length):
+        super().__init__()
+        self.n_head, self.n_embd = n_head, n_embd
+        self.prompt = nn.Parameter(torch.randn(length, n_embd) * 0.02)
+        self.gate = nn.Parameter(torch.zeros(n_head))
+
+    def forward(self, q, attn):
+        kv = attn.c_attn(self.prompt[None])[..., self.n_embd:]  # the frozen k and v projections
+        k, v = (split_heads(t, self.n_head) for t in kv.split(self.n_embd, dim=2))
+        att = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).softmax(dim=-1)
+        return self.gate.view(1, -1, 1, 1) * (att @ v)
+
+
+def attach_adaption_prompt(decoder, config):
+    c = decoder.config
+    for i in chosen_layers(config.adaption_layers, c.n_layer, "adaption_layers"):
+        decoder.h[i].attn.adaption = AdaptionPrompt(c.n_embd, c.n_head, config.adaption_length)

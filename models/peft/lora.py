@@ -1,0 +1,34 @@
+"""LoRA through loralib. `merge_weights=False`: loralib merges B@A into the frozen weight on
+eval() and subtracts it again on train(), so every validation pass during training would drift
+the frozen weight by rounding. Unmerged, the frozen tensors stay bit-identical; the extra cost is
+one rank-r product per layer."""
+import loralib as lora
+import torch
+
+
+def _lora_linear(linear, config, enable=None):
+    kwargs = dict(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                  merge_weights=False, bias=linear.bias is not None)
+    if enable is None:
+        new = lora.Linear(linear.in_features, linear.out_features, **kwargs)
+    else:
+        new = lora.MergedLinear(linear.in_features, linear.out_features, enable_lora=enable, **kwargs)
+    new.weight = linear.weight  # the frozen tensors themselves (lm_head's weight is tied to wte)
+    new.bias = linear.bias
+    assert not new.weight.requires_grad, "freeze the decoder before attaching LoRA"
+    return new.to(linear.weight.device)
+
+
+def attach_lora(decoder, config):
+    targets = set(config.lora_targets)
+    for block in decoder.h:
+        if "c_attn" in targets and any(config.lora_qkv):
+            block.attn.c_attn = _lora_linear(block.attn.c_attn, config, list(config.lora_qkv))
+        if "attn.c_proj" in targets:
+            block.attn.c_proj = _lora_linear(block.attn.c_proj, config)
+        if "mlp.c_fc" in targets:
+            block.mlp.c_fc = _lora_linear(block.mlp.c_fc, config)
+        if "mlp.c_proj" in targets:
+            block.mlp.c_proj = _lora_linear(block.mlp.c_proj, config)
+    if "lm_head" in targets:
+        decoder.lm_head = _lora_linear(decoder.lm_head, config)

@@ -1,0 +1,51 @@
+"""The `world:` section of params.yaml: where the data and the pretrained weights are.
+
+The demo world and the course's real world differ only here (see README, "Switching worlds").
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from models.gpt2 import load_course_checkpoint
+from models.scoring import load_references
+from models.tokenizer import Tokenizer
+
+
+def load_params(path="params.yaml"):
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such file (run from the repository root)") from None
+    if not isinstance(params, dict):
+        raise SystemExit(f"{path}: expected a mapping of sections")
+    return params
+
+
+@dataclass
+class World:
+    data_root: str
+    decoder: str  # decoder_model.bin in the course format
+    decoder_heads: int  # GPT-2's head count cannot be read off its tensors
+    encoder_json: str
+    vocab_bpe: str
+    clip: str  # CLIP for zero-shot and CLIPScore: a name ("ViT-B/32") or a state-dict file
+
+    @classmethod
+    def from_params(cls, params):
+        return cls(**params["world"])
+
+    def tokenizer(self):
+        return Tokenizer.from_files(self.encoder_json, self.vocab_bpe)
+
+    def load_decoder(self):
+        return load_course_checkpoint(self.decoder, n_head=self.decoder_heads)
+
+    def references(self, split):
+        return load_references(Path(self.data_root) / "p2_data" / f"{split}.json")
+
+    def image_dir(self, split):
+        if split == "p3":
+            return Path(self.data_root) / "p3_data" / "images"
+        return Path(self.data_root) / "p2_data" / "images" / split

@@ -1,0 +1,61 @@
+"""Caption val and p3 with one variant's kept checkpoint: `python -m stages.decode --variant lora`.
+
+Writes predictions/<variant>/val.json and p3.json ({name: caption}), and val_blind.json: the same
+model decoding the val set with the images shuffled across it (a fixed permutation), the blind
+baseline that tells how much of the score the image is responsible for.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+from models.atomic import write_json
+from models.checkpoint import load_captioner
+from models.decoding import DecodeConfig, caption_features
+from models.features import FeatureFile
+from models.world import World, load_params
+
+
+def caption_split(model, tokenizer, path, config, batch_size, device, permutation=None):
+    features = FeatureFile(path, in_memory=True)
+    features.require_encoder(model.config.encoder_id)
+    n = len(features)
+    order = permutation if permutation is not None else range(n)
+    rows = ((features.names[i], features[j].float()) for i, j in zip(range(n), order))
+    return caption_features(model, tokenizer, rows, config, batch_size=batch_size, device=device,
+                            total=n)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    world = World.from_params(params)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    decode = dict(params["decode"])
+    batch_size = decode.pop("batch_size")
+    config = DecodeConfig(**decode)
+    model, _ = load_captioner(Path("checkpoints") / args.variant / "model.safetensors",
+                              world.decoder, device)
+    tokenizer = world.tokenizer()
+    if tokenizer.identity != model.config.tokenizer_id:
+        raise SystemExit(f"{world.encoder_json}, {world.vocab_bpe}: not the vocabulary the "
+                         f"{args.variant} checkpoint was trained with")
+    out = Path("predictions") / args.variant
+    for split in ("val", "p3"):
+        captions = caption_split(model, tokenizer, f"features/{split}.h5", config, batch_size, device)
+        write_json(out / f"{split}.json", captions)
+    n_val = len(FeatureFile("features/val.h5"))
+    # A random cycle through the val set: no image is ever paired with its own tokens.
+    cycle = torch.randperm(n_val, generator=torch.Generator().manual_seed(0)).tolist()
+    permutation = [0] * n_val
+    for a, b in zip(cycle, cycle[1:] + cycle[:1]):
+        permutation[a] = b
+    blind = caption_split(model, tokenizer, "features/val.h5", config, batch_size, device, permutation)
+    write_json(out / "val_blind.json", blind)
+
+
+if __name__ == "__main__":
+    main()

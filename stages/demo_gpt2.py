@@ -1,0 +1,47 @@
+"""DVC stage demo_gpt2: pretrain the demo world's small GPT-2 on the demo training captions.
+
+    python -m stages.demo_gpt2 [--p2-data data/demo/hw3_data/p2_data] [--metrics metrics/demo_gpt2.json]
+                               [--plots plots/demo_gpt2]
+
+Reads params.yaml's `demo_gpt2` section (demo.lm_pretrain.LMConfig) and the vocabulary written by
+demo_vocab; writes p2_data/decoder_model.bin in the course format, the validation perplexity of the
+trained model next to the untrained one's, and the loss curves.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+import yaml
+
+from demo.lm_pretrain import LMConfig, pretrain, save_decoder, write_curves
+from demo.vocab import read_captions
+from models.atomic import write_json
+from models.tokenizer import Tokenizer, caption_batch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--p2-data", default="data/demo/hw3_data/p2_data")
+    ap.add_argument("--metrics", default="metrics/demo_gpt2.json")
+    ap.add_argument("--plots", default="plots/demo_gpt2")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    with open(args.params, encoding="utf-8") as f:
+        params = yaml.safe_load(f) or {}
+    cfg = LMConfig.from_dict(params.get("demo_gpt2"), source=f"{args.params}: demo_gpt2")
+    torch.set_num_threads(cfg.threads)
+
+    p2 = Path(args.p2_data)
+    tok = Tokenizer.from_files(p2 / "encoder.json", p2 / "vocab.bpe")
+    train, val = read_captions(p2 / "train.json"), read_captions(p2 / "val.json")
+    model, metrics, train_curve, val_curve = pretrain(tok, train, val, cfg)
+    check_ids, _, _ = caption_batch(tok.encode_batch(val[:64]), tok.eot_id, cfg.block_size)
+    save_decoder(model, p2 / "decoder_model.bin", check_ids)
+    write_json(args.metrics, metrics)
+    write_curves(train_curve, val_curve, args.plots)
+    print(f"demo GPT-2: val perplexity {metrics['val_perplexity']:.3f} trained vs "
+          f"{metrics['val_perplexity_untrained']:.1f} untrained, {metrics['train_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

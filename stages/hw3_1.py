@@ -1,0 +1,93 @@
+"""hw3_1.sh: classify every image of a folder with CLIP zero-shot -> CSV `filename,label`.
+
+    python -m stages.hw3_1 IMG_DIR ID2LABEL_JSON OUT_CSV [--params params.yaml] [--clip NAME_OR_PATH]
+
+Which CLIP and which prompts come from params.yaml's `zeroshot` section (clip, predict_with,
+ensemble/templates), the same as the zeroshot stage's predictions/p1.csv.
+
+Exit status: 0 every image classified; 3 some image files were unreadable (one stderr line each),
+the CSV holds all the others; 1 fatal (missing or empty folder, bad id2label.json, bad params or
+checkpoint): nothing written; 2 usage error.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_config(params_path, clip_override=None):
+    from models.zeroshot import ZeroShotConfig
+    params_path = Path(params_path)
+    try:
+        params = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as e:
+        raise ValueError(f"{params_path}: params file does not exist") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"{params_path}: not valid YAML ({e})") from e
+    if not isinstance(params, dict) or "zeroshot" not in params:
+        raise ValueError(f"{params_path}: no zeroshot section")
+    cfg = ZeroShotConfig.from_params(params["zeroshot"], source=str(params_path))
+    if clip_override:
+        cfg.clip = clip_override
+    else:
+        # relative checkpoint paths in params.yaml are relative to the repo (the params' folder)
+        candidate = params_path.resolve().parent / cfg.clip
+        if not Path(cfg.clip).is_absolute() and candidate.exists():
+            cfg.clip = str(candidate)
+    return cfg
+
+
+def run(img_dir, id2label_path, out_csv, cfg, batch_size=None, num_workers=None):
+    """Returns the exit status; raises on fatal errors before anything is written."""
+    from models.clip_io import load_clip
+    from models.imageio import list_images
+    from models.zeroshot import classify, embed_images, read_id2label, write_predictions_csv
+
+    out_csv = Path(out_csv)
+    if out_csv.is_dir():
+        raise ValueError(f"{out_csv}: output path is a folder, expected a CSV file path")
+    id2label = read_id2label(id2label_path)
+    paths = list_images(img_dir, stream=sys.stderr)
+    device = cfg.torch_device()
+    model, preprocess = load_clip(cfg.clip, device=device)
+    emb = embed_images(model, preprocess, paths, batch_size=batch_size or cfg.batch_size,
+                       num_workers=cfg.num_workers if num_workers is None else num_workers)
+    pred, _ = classify(model, emb, id2label, cfg.prediction_templates())
+    write_predictions_csv(out_csv, [p.name for p in emb.paths], pred)
+    print(f"hw3_1: {len(emb.paths)} images classified -> {out_csv}"
+          + (f"; {len(emb.skipped)} unreadable files skipped" if emb.skipped else ""),
+          file=sys.stderr)
+    return EXIT_SKIPPED if emb.skipped else EXIT_OK
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="hw3_1.sh", description=__doc__.split("\n")[0])
+    ap.add_argument("img_dir")
+    ap.add_argument("id2label")
+    ap.add_argument("out_csv")
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--clip", help="override zeroshot.clip (a checkpoint path or a CLIP name)")
+    ap.add_argument("--device", help="override zeroshot.device (cpu, cuda, auto)")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--num-workers", type=int)
+    args = ap.parse_args(argv)   # exits with 2 on a usage error
+
+    from models.clip_io import CheckpointError
+    from models.imageio import ImageFolderError
+    from models.zeroshot import LabelMapError
+    try:
+        cfg = load_config(args.params, args.clip)
+        if args.device:
+            cfg.device = args.device
+        return run(args.img_dir, args.id2label, args.out_csv, cfg, args.batch_size, args.num_workers)
+    except (ImageFolderError, LabelMapError, CheckpointError, ValueError, OSError) as e:
+        print(f"hw3_1: error: {e}", file=sys.stderr)
+        return EXIT_FATAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

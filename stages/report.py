@@ -1,0 +1,29 @@
+"""Stage `report`: one Markdown page, report/README.md, with its figures: `python -m stages.report`.
+
+Built from metrics/, plots/, figures/, release/ and params.yaml only (models/report.py says which
+files are required and which sections are optional). The folder is replaced whole, atomically.
+"""
+import argparse
+from pathlib import Path
+
+from models.atomic import atomic_dir
+from models.report import ReportError, build_report
+from models.world import load_params
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="report")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    try:
+        with atomic_dir(Path(args.out)) as tmp:
+            build_report(Path("."), params, tmp)
+    except ReportError as e:
+        raise SystemExit(f"report: {e}") from None
+    print(f"wrote {Path(args.out) / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Pick the variant with the best val CIDEr (ties: CLIPScore) and release what hw3_2.sh needs.
+
+Writes release/: captioner.safetensors (the chosen checkpoint), encoder.json + vocab.bpe (the
+tokenizer it was trained with) and selected.json (variant, scores, image encoder, decoding
+settings). `dvc pull select` fetches exactly this folder in the real world.
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from models.atomic import atomic_dir, write_json
+from models.world import World, load_params
+
+
+def best_variant(scores):
+    """scores: {variant: {"cider": .., "clipscore": ..}} -> the best variant's name."""
+    return max(sorted(scores), key=lambda v: (scores[v]["cider"], scores[v]["clipscore"]))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    world = World.from_params(params)
+    scores = {}
+    for variant in params["variants"]:
+        path = Path("metrics") / f"{variant}.json"
+        with open(path, encoding="utf-8") as f:
+            scores[variant] = json.load(f)
+    chosen = best_variant(scores)
+    release = Path("release")
+    with atomic_dir(release) as tmp:  # the whole folder appears at once
+        shutil.copy(Path("checkpoints") / chosen / "model.safetensors", tmp / "captioner.safetensors")
+        shutil.copy(world.encoder_json, tmp / "encoder.json")
+        shutil.copy(world.vocab_bpe, tmp / "vocab.bpe")
+        write_json(tmp / "selected.json", {
+            "variant": chosen, "scores": scores[chosen],
+            "encoder": params["extract"]["encoder"], "decode": params["decode"],
+            "decoder_heads": world.decoder_heads})
+    print(f"selected {chosen}: CIDEr {scores[chosen]['cider']:.4f}, "
+          f"CLIPScore {scores[chosen]['clipscore']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

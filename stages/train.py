@@ -1,0 +1,75 @@
+"""Train one captioning variant on cached features: `python -m stages.train --variant lora`.
+
+Reads params `world`, `train`, `bridge`, `peft` and `variants.<variant>`; writes
+checkpoints/<variant>/model.safetensors (the best val-CIDEr epoch's trainable tensors),
+plots/train/<variant>.json (per-epoch curves) and metrics/train/<variant>.json.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from models.atomic import write_json
+from models.bridges import BridgeConfig
+from models.captioner import Captioner, CaptionerConfig
+from models.features import FeatureFile
+from models.peft import PeftConfig
+from models.training import CaptionPairs, TrainConfig, train
+from models.world import World, load_params
+
+
+def variant_config(params, variant, decoder_config, features, tokenizer):
+    if variant not in params["variants"]:
+        raise SystemExit(f"params.yaml: no variant {variant!r} under `variants:` "
+                         f"(have {sorted(params['variants'])})")
+    v = params["variants"][variant]
+    return CaptionerConfig(
+        decoder=decoder_config, visual_width=features.width, visual_tokens=features.num_tokens,
+        bridge=BridgeConfig(**{**params["bridge"], "kind": v["bridge"]}),
+        peft=PeftConfig(**{**params["peft"], "method": v["peft"]}),
+        encoder_id=features.encoder_id, tokenizer_id=tokenizer.identity)
+
+
+def in_memory(path):
+    features = FeatureFile(path, in_memory=True)
+    return features, (features.names, features.read_rows(range(len(features))))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    world = World.from_params(params)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    tokenizer = world.tokenizer()
+    train_file, train_tokens = in_memory("features/train.h5")
+    val_file, val_tokens = in_memory("features/val.h5")
+    val_file.require_encoder(train_file.encoder_id)
+    decoder = world.load_decoder()
+    config = variant_config(params, args.variant, decoder.config, train_file, tokenizer)
+    torch.manual_seed(params["train"].get("seed", 0))  # the new modules' initial weights
+    model = Captioner(config, decoder)
+    counts = model.parameter_counts()
+    trainable = sum(t for t, _ in counts.values())
+    print(f"{args.variant}: {trainable:,} trainable parameters")
+
+    train_config = TrainConfig(**params["train"])
+    train_pairs = CaptionPairs(train_tokens, world.references("train"), tokenizer)
+    val_pairs = CaptionPairs(val_tokens, world.references("val"), tokenizer)
+    start = time.time()
+    history, best = train(model, train_pairs, val_pairs, tokenizer, train_config,
+                          Path("checkpoints") / args.variant / "model.safetensors", device)
+    write_json(Path("plots") / "train" / f"{args.variant}.json", history)
+    write_json(Path("metrics") / "train" / f"{args.variant}.json", {
+        "best_epoch": best["epoch"], "best_val_cider": best["val_cider"],
+        "trainable_params": trainable, "train_seconds": round(time.time() - start, 1),
+        "device": device.type})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Problem 3: per-word attention maps of the released captioner: `python -m stages.visualize`.
+
+For every p3 image and for the val images with the highest and the lowest CLIPScore of the
+selected variant, caption it with release/ (its checkpoint, tokenizer and decoding settings),
+capturing the attention over the image tokens, and draw the course's grid: the image and one
+heatmap per word, the end token last. Also draws the encoder's positional-embedding similarity.
+
+Reads params `world` and `visualize` (models/attention_maps.py: AttentionMapConfig, plus
+`decode`: null = the released decoding settings, else overrides of them; `scene_params`: the
+params section of the demo scene generator, used to tell which object each shape word looks at).
+Image tokens come from the feature cache (features/p3.h5, features/val.h5), as in the decode
+stage, so the captions are the pipeline's own.
+
+Writes figures/attention/ whole: <p3 name>.png, val_best.png, val_worst.png, summary.json;
+and figures/pos_embed_similarity.png.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from models.atomic import atomic_dir, write_json
+from models.attention_maps import (AttentionMapConfig, caption_with_maps, encoder_view,
+                                   plot_attention_grid)
+from models.attention_summary import (count_hits, demo_p3_objects, describe_peak,
+                                      shape_vocabulary, shape_words_report)
+from models.checkpoint import load_captioner
+from models.decoding import DecodeConfig
+from models.encoders import EncoderConfig, build_encoder, encoder_id
+from models.features import FeatureFile
+from models.imageio import list_images, load_rgb
+from models.pos_embed import patch_positional_embeddings, plot_similarity_grid
+from models.tokenizer import Tokenizer
+from models.world import World, load_params
+
+OUT = Path("figures/attention")
+POS_EMBED = Path("figures/pos_embed_similarity.png")
+
+
+def load_release(release, decoder_bin, device):
+    """(model, tokenizer, encoder, selected.json) of the released captioner, all checked to fit."""
+    selected_path = release / "selected.json"
+    if not selected_path.is_file():
+        sys.exit(f"{selected_path}: missing: run the select stage first")
+    selected = json.loads(selected_path.read_text(encoding="utf-8"))
+    model, _ = load_captioner(release / "captioner.safetensors", decoder_bin, device)
+    tokenizer = Tokenizer.from_files(release / "encoder.json", release / "vocab.bpe")
+    if tokenizer.identity != model.config.tokenizer_id:
+        sys.exit(f"{release}: encoder.json/vocab.bpe are not the checkpoint's vocabulary")
+    encoder_config = EncoderConfig.from_dict(selected["encoder"])
+    if encoder_id(encoder_config) != model.config.encoder_id:
+        sys.exit(f"{release}: image encoder {encoder_config.name} is not the one the checkpoint "
+                 f"was trained on ({model.config.encoder_id})")
+    return model, tokenizer, build_encoder(encoder_config, device), selected
+
+
+def image_paths(folder):
+    return {p.stem: p for p in list_images(folder)}
+
+
+class Drawer:
+    """Captions one image from its cached tokens and draws its attention grid."""
+
+    def __init__(self, model, tokenizer, encoder, decode_config, map_config, vocab):
+        self.model, self.tokenizer, self.encoder = model, tokenizer, encoder
+        self.decode_config, self.map_config, self.vocab = decode_config, map_config, vocab
+
+    def __call__(self, path, features, name, image_path, title="", objects=None):
+        tokens = features[features.index_of(name)]
+        caption, hyp, maps = caption_with_maps(self.model, self.tokenizer, tokens,
+                                               self.decode_config, features.num_prefix_tokens,
+                                               features.grid, self.map_config)
+        view = encoder_view(self.encoder.preprocess, load_rgb(image_path))
+        drawn = plot_attention_grid(path, view.image, maps, self.map_config,
+                                    title=f"{name}: {caption}" + (f"\n{title}" if title else ""))
+        return {
+            "name": name, "image": str(image_path), "figure": str(path), "caption": caption,
+            "ended": hyp.ended,
+            "words": [{"word": label, **describe_peak(d.numpy(), view, features.grid)}
+                      for label, d in zip(maps.labels, drawn)],
+            "shape_words": shape_words_report(maps.labels, drawn, view, features.grid,
+                                              self.vocab, objects),
+        }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--release", default="release")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    world = World.from_params(params)
+    section = dict(params.get("visualize") or {})
+    decode_override = section.pop("decode", None) or {}
+    scene_section = section.pop("scene_params", "demo_data")
+    map_config = AttentionMapConfig.from_dict(section, source=f"{args.params}: visualize")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    model, tokenizer, encoder, selected = load_release(Path(args.release), world.decoder, device)
+    decode = {**selected["decode"], **decode_override}
+    decode.pop("batch_size", None)
+    decode_config = DecodeConfig(**decode)
+    variant = selected["variant"]
+    from demo.scenes import SHAPE_WORDS
+    draw = Drawer(model, tokenizer, encoder, decode_config, map_config,
+                  shape_vocabulary(SHAPE_WORDS))
+
+    p3 = FeatureFile("features/p3.h5")
+    val = FeatureFile("features/val.h5")
+    for f in (p3, val):
+        f.require_encoder(model.config.encoder_id)
+    p3_dir = world.image_dir("p3")
+    p3_paths = image_paths(p3_dir)
+    objects = demo_p3_objects(p3_dir, params.get(scene_section))
+    scores_path = Path("predictions") / variant / "val_scores.json"
+    scores = json.loads(scores_path.read_text(encoding="utf-8"))
+    ranked = sorted((s["clipscore"], n) for n, s in scores.items() if "clipscore" in s)
+    if not ranked:
+        sys.exit(f"{scores_path}: no per-image clipscore (score.metrics must include clipscore)")
+    val_paths = image_paths(world.image_dir("val"))
+
+    with atomic_dir(OUT) as tmp:
+        p3_entries = []
+        for name in p3.names:
+            if name not in p3_paths:
+                sys.exit(f"{p3_dir}: no image for feature row {name!r}")
+            p3_entries.append(draw(tmp / f"{name}.png", p3, name, p3_paths[name],
+                                   objects=None if objects is None else objects.get(name)))
+            p3_entries[-1]["figure"] = str(OUT / f"{name}.png")
+        val_entries = {}
+        for which, (score, name) in (("best", ranked[-1]), ("worst", ranked[0])):
+            entry = draw(tmp / f"val_{which}.png", val, name, val_paths[name],
+                         title=f"CLIPScore {score:.3f} ({which} of {len(ranked)} val images, "
+                               f"variant {variant})")
+            entry.update(figure=str(OUT / f"val_{which}.png"), clipscore=score,
+                         scored_caption=scores[name]["caption"])
+            if entry["caption"] != entry["scored_caption"]:
+                print(f"note: val image {name}: caption here differs from the scored one "
+                      f"(decode settings changed since scoring?)", file=sys.stderr)
+            val_entries[which] = entry
+        summary = {
+            "variant": variant, "decode": decode, "maps": map_config.__dict__,
+            "ground_truth_objects": objects is not None,
+            "p3": p3_entries, "val": val_entries,
+            "shape_word_hits": count_hits(p3_entries) if objects is not None else None,
+        }
+        write_json(tmp / "summary.json", summary)
+
+    pe = patch_positional_embeddings(encoder)
+    plot_similarity_grid(POS_EMBED, pe.cpu(), encoder.grid,
+                         title=f"Positional embedding similarity ({encoder.grid[0]}x{encoder.grid[1]} patches)")
+    for e in p3_entries:
+        print(f"{e['name']}: {e['caption']}")
+    if summary["shape_word_hits"]:
+        h = summary["shape_word_hits"]
+        print(f"shape words: {h['shape_words']}; attention peak on the named shape: "
+              f"{h['peak_on_named_shape']}; most attention on it: {h['most_attention_on_named_shape']}")
+
+
+if __name__ == "__main__":
+    main()

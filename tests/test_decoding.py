@@ -1,0 +1,234 @@
+"""Decoding on tiny captioners: the cached batched decoder against the naive reference, beam
+search against greedy, sampling, attention capture, and CLIP-safe caption text."""
+import itertools
+
+import clip
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers.pre_tokenizers import ByteLevel
+
+from models.bridges import BRIDGES, BridgeConfig
+from models.captioner import Captioner, CaptionerConfig
+from models.decoding import (DecodeConfig, cap_for_clip, caption_features, caption_text,
+                             clip_token_count, filter_logits, generate)
+from models.gpt2 import GPT2, GPT2Config
+from models.peft import PEFT_METHODS, PeftConfig
+from models.tokenizer import EOT, Tokenizer
+
+VOCAB = 48
+EOT_ID = VOCAB - 1
+V_TOKENS, V_WIDTH = 5, 12
+
+
+def tiny_model(bridge="gated_cross", peft="lora", seed=0, vocab=VOCAB, cross_layers=()):
+    torch.manual_seed(seed)
+    decoder = GPT2(GPT2Config(vocab_size=vocab, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    config = CaptionerConfig(
+        decoder=decoder.config, visual_width=V_WIDTH, visual_tokens=V_TOKENS,
+        bridge=BridgeConfig(kind=bridge, layers=list(cross_layers)),
+        peft=PeftConfig(method=peft, rank=4, adapter_size=8, prefix_length=3, prompt_length=3,
+                        adaption_length=3))
+    model = Captioner(config, decoder)
+    # Move every weight, zero-initialised ones (gates, lora_B, adapter up) included, well away
+    # from its initial value, so that the bridge and the PEFT method change the outputs.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.4)
+        decoder.wte.weight[vocab - 1] *= 0.3  # make the end token rarer: captions of some length
+    return model.eval()
+
+
+def images(n=4, seed=1):
+    return torch.randn(n, V_TOKENS, V_WIDTH, generator=torch.Generator().manual_seed(seed))
+
+
+def teacher_forced_logprob(model, visual, tokens):
+    """Sum of log p(tokens) given the image, in one plain forward pass."""
+    ids = torch.tensor([[EOT_ID] + tokens[:-1]])
+    with torch.no_grad():
+        logits = model(model.context(visual[None]), ids)[0]
+    return F.log_softmax(logits.float(), -1).gather(1, torch.tensor(tokens)[:, None]).sum().item()
+
+
+GREEDY = DecodeConfig(method="greedy", max_new_tokens=12)
+
+
+@pytest.mark.parametrize("bridge,peft", list(itertools.product(BRIDGES, PEFT_METHODS)))
+def test_cached_batched_greedy_equals_naive(bridge, peft):
+    model, visual = tiny_model(bridge, peft), images()
+    cached = generate(model, visual, GREEDY, EOT_ID)
+    naive = generate(model, visual, GREEDY, EOT_ID, cached=False)
+    assert [h.tokens for h in cached] == [h.tokens for h in naive]
+    for c, n in zip(cached, naive):
+        assert c.logprob == pytest.approx(n.logprob, abs=1e-4)
+        assert c.ended == (c.tokens[-1] == EOT_ID)
+    # not degenerate: the image changes the caption, and captions have several tokens
+    assert len({tuple(h.tokens) for h in cached}) > 1
+    assert max(len(h.tokens) for h in cached) > 3
+    # rows of the batch do not leak into each other: each image alone decodes the same
+    assert generate(model, visual[2:3], GREEDY, EOT_ID)[0].tokens == cached[2].tokens
+
+
+@pytest.mark.parametrize("bridge,peft", [("cross", "prefix"), ("prefix", "prompt"),
+                                         ("gated_cross", "adaption"), ("prefix", "lora")])
+def test_cached_beam_equals_naive_beam(bridge, peft):
+    model, visual = tiny_model(bridge, peft), images(3)
+    config = DecodeConfig(method="beam", beam_size=3, max_new_tokens=10)
+    cached = generate(model, visual, config, EOT_ID)
+    naive = generate(model, visual, config, EOT_ID, cached=False)
+    assert [h.tokens for h in cached] == [h.tokens for h in naive]
+
+
+def test_logprob_is_the_model_score_of_the_tokens():
+    model, visual = tiny_model("cross", "adapter"), images(3)
+    for config in (GREEDY, DecodeConfig(method="beam", beam_size=4, max_new_tokens=12)):
+        for i, h in enumerate(generate(model, visual, config, EOT_ID)):
+            assert h.logprob == pytest.approx(teacher_forced_logprob(model, visual[i], h.tokens),
+                                              abs=1e-4)
+
+
+@pytest.mark.parametrize("bridge,peft", [("gated_cross", "lora"), ("prefix", "prefix"),
+                                         ("cross", "none")])
+def test_beam_size_one_is_greedy(bridge, peft):
+    model, visual = tiny_model(bridge, peft), images(5)
+    greedy = generate(model, visual, GREEDY, EOT_ID)
+    for lp in (0.0, 1.0):
+        beam = generate(model, visual, DecodeConfig(method="beam", beam_size=1, length_penalty=lp,
+                                                    max_new_tokens=12), EOT_ID)
+        assert [h.tokens for h in beam] == [h.tokens for h in greedy]
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_larger_beams_score_at_least_greedy(length_penalty):
+    model, visual = tiny_model("gated_cross", "lora", seed=3), images(8, seed=5)
+    greedy = generate(model, visual, GREEDY, EOT_ID)
+    better = 0
+    for k in (2, 5):
+        config = DecodeConfig(method="beam", beam_size=k, length_penalty=length_penalty,
+                              max_new_tokens=12)
+        for g, b in zip(greedy, generate(model, visual, config, EOT_ID)):
+            assert b.score(length_penalty) >= g.score(length_penalty) - 1e-5
+            better += b.score(length_penalty) > g.score(length_penalty) + 1e-5
+    assert better > 0, "beam search never found anything better than greedy: test is vacuous"
+
+
+def test_min_new_tokens_forces_the_length():
+    model, visual = tiny_model(), images(3)
+    config = DecodeConfig(method="greedy", max_new_tokens=9, min_new_tokens=9)
+    for cached in (True, False):
+        for h in generate(model, visual, config, EOT_ID, cached=cached):
+            assert len(h.tokens) == 9 and EOT_ID not in h.tokens
+    beam = DecodeConfig(method="beam", beam_size=3, max_new_tokens=9, min_new_tokens=9)
+    assert all(len(h.tokens) == 9 for h in generate(model, visual, beam, EOT_ID))
+
+
+def test_sampling_is_reproducible_and_top1_is_greedy():
+    model, visual = tiny_model("prefix", "adapter"), images(4)
+    sample = lambda **kw: [h.tokens for h in generate(
+        model, visual, DecodeConfig(method="sample", max_new_tokens=12, **kw), EOT_ID)]
+    greedy = [h.tokens for h in generate(model, visual, GREEDY, EOT_ID)]
+    assert sample(seed=7) == sample(seed=7)
+    assert sample(seed=7) != sample(seed=8)
+    assert sample(seed=7) != greedy
+    assert sample(top_k=1, seed=3) == greedy
+    assert sample(top_p=1e-6, seed=3) == greedy
+    assert sample(temperature=1e-4, seed=3) == greedy
+    # the naive reference samples from the same distributions: top-k 1 is greedy there too
+    naive = generate(model, visual, DecodeConfig(method="sample", top_k=1, max_new_tokens=12),
+                     EOT_ID, cached=False)
+    assert [h.tokens for h in naive] == greedy
+
+
+def test_filter_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 4.0]])
+    kept = filter_logits(logits, top_k=2).isfinite()
+    assert kept.tolist() == [[False, True, True, False], [False, False, True, True]]
+    p = logits.softmax(-1)
+    kept = filter_logits(logits, top_p=0.6).isfinite()
+    # row 0: p = .09 .67 .24 .03 -> the 0.67 token alone reaches 0.6
+    assert kept.tolist()[0] == [False, True, False, False]
+    # row 1: p = .005 .005 .73 .27 -> top_p 0.9 needs both large ones
+    kept = filter_logits(logits, top_p=0.9).isfinite()
+    assert kept.tolist()[1] == [False, False, True, True]
+    assert torch.equal(filter_logits(logits), logits)
+    assert p.shape == logits.shape
+
+
+@pytest.mark.parametrize("bridge,layers", [("cross", ()), ("gated_cross", (1,))])
+def test_captured_cross_attention_is_a_distribution_over_image_tokens(bridge, layers):
+    model, visual = tiny_model(bridge, "lora", cross_layers=layers), images(3)
+    n_layers = len(layers) or 2
+    for config in (GREEDY, DecodeConfig(method="beam", beam_size=3, max_new_tokens=12)):
+        cached = generate(model, visual, config, EOT_ID, capture=True)
+        naive = generate(model, visual, config, EOT_ID, capture=True, cached=False)
+        for c, n in zip(cached, naive):
+            assert c.attention.shape == (len(c.tokens), n_layers, 2, V_TOKENS)
+            assert torch.allclose(c.attention.sum(-1), torch.ones(()), atol=1e-5)
+            assert c.tokens == n.tokens
+            assert torch.allclose(c.attention, n.attention, atol=1e-5)
+
+
+@pytest.mark.parametrize("peft", ["prefix", "prompt", "none"])
+def test_captured_prefix_attention_shape(peft):
+    model, visual = tiny_model("prefix", peft), images(3)
+    cached = generate(model, visual, GREEDY, EOT_ID, capture=True)
+    naive = generate(model, visual, GREEDY, EOT_ID, capture=True, cached=False)
+    for c, n in zip(cached, naive):
+        assert c.attention.shape == (len(c.tokens), 2, 2, V_TOKENS)
+        s = c.attention.sum(-1)
+        assert (c.attention >= 0).all() and (s <= 1 + 1e-5).all() and (s > 0).all()
+        assert torch.allclose(c.attention, n.attention, atol=1e-5)
+    assert generate(model, visual, GREEDY, EOT_ID)[0].attention is None
+
+
+def test_captions_are_capped_to_clip_context():
+    long = " ".join(["a photo of a red square next to a blue circle"] * 12) + "."
+    assert clip_token_count(long) > 77
+    capped = cap_for_clip(long)
+    assert clip_token_count(capped) <= 77
+    clip.tokenize(capped)  # must not raise
+    assert long.startswith(capped) and clip_token_count(capped + " circle") > 77 - 1
+    assert len(capped.split()) > 50  # whole words, as many as fit
+    short = "a red square."
+    assert cap_for_clip(short) == short
+    blob = "x" * 2000  # one word longer than the context: cut by characters
+    capped = cap_for_clip(blob)
+    assert 0 < len(capped) and clip_token_count(capped) <= 77
+    clip.tokenize(capped)
+
+
+def byte_tokenizer():
+    """A 257-token byte-level vocabulary in GPT-2's format: the 256 bytes and the end token."""
+    encoder = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    encoder[EOT] = len(encoder)
+    return Tokenizer(encoder, [])
+
+
+def test_caption_text_and_caption_features():
+    tok = byte_tokenizer()
+    assert caption_text(tok, tok.encode("  a cat. ") + [tok.eot_id]) == "a cat."
+    assert clip_token_count(caption_text(tok, tok.encode("word " * 200))) <= 77
+
+    model = tiny_model("gated_cross", "lora", vocab=tok.vocab_size)
+    visual = images(5)
+    config = DecodeConfig(method="beam", beam_size=2, max_new_tokens=10)
+    rows = [(f"img{i}", visual[i].half()) for i in range(5)]
+    by2 = caption_features(model, tok, iter(rows), config, batch_size=2, total=5)
+    by5 = caption_features(model, tok, rows, config, batch_size=5)
+    assert list(by2) == [f"img{i}" for i in range(5)] and by2 == by5
+    expected = [caption_text(tok, h.tokens)
+                for h in generate(model, visual.half().float(), config, tok.eot_id)]
+    assert list(by2.values()) == expected
+    assert len(set(by2.values())) > 1
+    with pytest.raises(ValueError, match="img1.*twice"):
+        caption_features(model, tok, rows[:2] + rows[1:2], config, batch_size=2)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="method"):
+        DecodeConfig(method="topk")
+    with pytest.raises(ValueError, match="top_p"):
+        DecodeConfig(top_p=0)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        DecodeConfig(max_new_tokens=5, min_new_tokens=6)

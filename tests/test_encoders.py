@@ -1,0 +1,152 @@
+"""Frozen image encoders: tiny timm ViTs and a tiny openai CLIP, random weights saved in the real
+file formats and reloaded; nothing downloaded."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"   # before timm/huggingface_hub read it: never touch the network
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from clip.model import CLIP
+from PIL import Image
+
+from models.encoders import EncoderConfig, EncoderError, build_encoder, encoder_id
+
+TIMM_NAME = "vit_tiny_patch16_224"
+TIMM_KW = dict(img_size=32, depth=2)          # 2 x 2 patches of 16, width 192
+
+
+def timm_cfg(weights):
+    return EncoderConfig(kind="timm", name=TIMM_NAME, weights=str(weights), image_size=32,
+                         model_kwargs={"depth": 2})
+
+
+@pytest.fixture(scope="module")
+def tiny_timm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0, **TIMM_KW).eval()
+    torch.save(model.state_dict(), d / "vit.pth")
+    safetensors.torch.save_file(model.state_dict(), str(d / "vit.safetensors"))
+    return model, d
+
+
+def tiny_clip():
+    # CLIP infers heads as width // 64, so widths are multiples of 64.
+    return CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                vision_patch_size=8, context_length=16, vocab_size=100, transformer_width=64,
+                transformer_heads=1, transformer_layers=1).eval()
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    torch.manual_seed(1)
+    model = tiny_clip()
+    path = tmp_path_factory.mktemp("clip") / "clip_tiny.pt"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+@pytest.mark.parametrize("fname", ["vit.pth", "vit.safetensors"])
+def test_timm_reload_gives_identical_tokens(tiny_timm, fname):
+    model, d = tiny_timm
+    enc = build_encoder(timm_cfg(d / fname))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.forward_features(x)
+        tokens = enc(x)
+    assert enc.grid == (2, 2) and enc.num_prefix_tokens == 1
+    assert enc.num_tokens == 1 + 2 * 2 == tokens.shape[1]
+    assert tokens.shape == (3, enc.num_tokens, enc.width) and enc.width == 192
+    assert torch.equal(tokens, ref)
+    # timm's own local-file path (what DESIGN.md names) loads the same weights
+    t2 = timm.create_model(TIMM_NAME, pretrained=True, num_classes=0, **TIMM_KW,
+                           pretrained_cfg_overlay=dict(file=str(d / fname), custom_load=False)).eval()
+    with torch.no_grad():
+        assert torch.equal(t2.forward_features(x), tokens)
+
+
+def test_timm_frozen_eval_and_preprocess(tiny_timm):
+    _, d = tiny_timm
+    enc = build_encoder(timm_cfg(d / "vit.pth"))
+    assert not enc.training and all(not p.requires_grad for p in enc.parameters())
+    parent = torch.nn.Sequential(enc).train()    # a parent's train() must not unfreeze it
+    assert not enc.training and not enc.model.training
+    img = Image.new("RGB", (50, 37), (200, 30, 10))
+    x = enc.preprocess(img)
+    assert x.shape == (3, 32, 32)
+    assert parent(x[None]).shape == (1, 5, 192)
+    with pytest.raises(EncoderError, match="expected"):
+        enc(torch.randn(1, 3, 48, 48))
+
+
+def test_timm_weights_with_missing_key_is_an_error(tiny_timm, tmp_path):
+    model, _ = tiny_timm
+    sd = model.state_dict()
+    del sd["blocks.1.mlp.fc2.weight"]
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(EncoderError, match=r"broken\.pth.*missing keys: blocks\.1\.mlp\.fc2\.weight"):
+        build_encoder(timm_cfg(tmp_path / "broken.pth"))
+    with pytest.raises(EncoderError, match="not found"):
+        build_encoder(timm_cfg(tmp_path / "absent.pth"))
+
+
+def test_clip_tokens_match_the_package(clip_file):
+    model, path = clip_file
+    enc = build_encoder(EncoderConfig(kind="clip", name=str(path)))
+    assert enc.grid == (4, 4) and enc.num_tokens == 17 and enc.width == 64
+    assert all(not p.requires_grad for p in enc.parameters()) and not enc.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = enc(x)
+        ref = model.encode_image(x)
+    assert tokens.shape == (2, 17, 64)
+    # where they overlap (the class token), the package's own forward agrees
+    torch.testing.assert_close(tokens[:, 0] @ enc.visual.proj, ref, rtol=0, atol=1e-6)
+    # patch tokens are real, distinct outputs, not copies of the class token
+    assert not torch.allclose(tokens[:, 1], tokens[:, 0])
+    pixels = enc.preprocess(Image.new("RGB", (40, 60), (10, 120, 240)))
+    assert pixels.shape == (3, 32, 32)
+    with pytest.raises(EncoderError, match="expected images"):
+        enc(torch.randn(1, 3, 64, 64))
+
+
+def test_clip_tower_equals_timm_quickgelu_clip_vit(clip_file):
+    """The same CLIP weights through timm's CLIP ViT (its filter converts openai's keys) give the
+    same tokens: both kinds return all tokens after the final norm, width-D."""
+    _, path = clip_file
+    enc = build_encoder(EncoderConfig(kind="clip", name=str(path)))
+    tenc = build_encoder(EncoderConfig(
+        kind="timm", name="vit_base_patch32_clip_quickgelu_224", weights=str(path), image_size=32,
+        model_kwargs=dict(patch_size=8, embed_dim=64, depth=2, num_heads=1)))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tenc(x), enc(x), rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_id_is_content_based(tiny_timm, clip_file, tmp_path):
+    _, d = tiny_timm
+    a = encoder_id(timm_cfg(d / "vit.pth"))
+    assert a == encoder_id(timm_cfg(d / "vit.pth"))
+    (tmp_path / "copy.pth").write_bytes((d / "vit.pth").read_bytes())
+    assert encoder_id(timm_cfg(tmp_path / "copy.pth")) == a            # same bytes, same id
+    assert encoder_id(timm_cfg(d / "vit.safetensors")) != a            # other bytes
+    other = EncoderConfig(kind="timm", name=TIMM_NAME, weights=str(d / "vit.pth"), image_size=64,
+                          model_kwargs={"depth": 2})
+    assert encoder_id(other) != a
+    _, cpath = clip_file
+    cid = encoder_id(EncoderConfig(kind="clip", name=str(cpath)))
+    assert '"kind":"clip"' in cid and "sha256" in cid
+    (tmp_path / "renamed.pt").write_bytes(cpath.read_bytes())
+    assert encoder_id(EncoderConfig(kind="clip", name=str(tmp_path / "renamed.pt"))) == cid
+    assert encoder_id(EncoderConfig(kind="clip", name="ViT-B/32")) == '{"kind":"clip","name":"ViT-B/32"}'
+
+
+def test_config_errors():
+    with pytest.raises(EncoderError, match="kind"):
+        EncoderConfig(kind="resnet", name="x")
+    with pytest.raises(EncoderError, match="unknown keys"):
+        EncoderConfig.from_dict({"kind": "timm", "name": "x", "weight": "typo.pth"})
+    with pytest.raises(EncoderError, match="timm options"):
+        EncoderConfig(kind="clip", name="ViT-B/32", weights="w.pth")
