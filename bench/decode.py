@@ -67,7 +67,7 @@ def timed(fn):
 def bench_model(name, model, n_naive, n_cached, args, device):
     model = model.to(device)
     cfg = model.config
-    eot = cfg.decoder.vocab_size - 1  # GPT-2's <|endoftext|> is the last id
+    eot = cfg.decoder.vocab_size - 1  # GPT-2's <|endoftext|>; any id does for timing
     visual = torch.randn(max(n_naive, n_cached), cfg.visual_tokens, cfg.visual_width,
                          generator=torch.Generator().manual_seed(1)).to(device)
     rows = []

@@ -263,9 +263,17 @@ def train_clip(cfg, data, image_resolution, eval_set=None, progress=True, device
     eval_set: optional (pixels uint8, labels, class_names) checked every cfg.eval_every steps.
     The default and the tested path is the CPU; `device` exists for quick design sweeps.
     """
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(cfg, data, image_resolution, eval_set, progress, device)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(cfg, data, image_resolution, eval_set, progress, device):
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(cfg.seed)
     model = build_clip(cfg, image_resolution).float().train().to(device)
     pixels, tokens = data.pixels.to(device), data.tokens.to(device)

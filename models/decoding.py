@@ -18,7 +18,7 @@ Decoding starts from `<|endoftext|>` (the course's start token) and stops at it.
 `logprob` is the sum of the model's log-probabilities of those tokens (untempered, unfiltered;
 the end token counts as a token). Beam search ranks by `logprob / len(tokens) ** length_penalty`.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,16 @@ class DecodeConfig:
         if not self.temperature > 0:
             raise ValueError(f"decode.temperature must be > 0, got {self.temperature}")
 
+    @classmethod
+    def from_dict(cls, d, source="decode"):
+        """From a params section; unknown keys are an error naming them (`source`: where from)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown decoding settings {unknown}; "
+                             f"expected among {sorted(known)}")
+        return cls(**d)
+
 
 @dataclass
 class Hypothesis:
@@ -93,13 +103,21 @@ def _image_attention(model, attentions):
     return torch.stack(rows, dim=1)
 
 
+def _last_position(model, out, capture):
+    """Logits [R, vocab] of each row's last position and, with capture, its image attention."""
+    if capture:
+        logits, attentions = out
+        return logits[:, -1], _image_attention(model, attentions)
+    return out[:, -1], None
+
+
 class CachedStepper:
     """Incremental decoding: one new token per row and step against the per-layer cache."""
 
     def __init__(self, model, ctx, capture=False):
         self.model, self.ctx, self.capture = model, ctx, capture
-        self.cache = model.new_cache(ctx_rows(ctx))
-        self.image_of_row = torch.arange(ctx_rows(ctx))
+        self.cache = model.new_cache(_ctx_rows(ctx))
+        self.image_of_row = torch.arange(_ctx_rows(ctx))
 
     def __call__(self, new_ids):
         out = self.model(self.ctx, new_ids, cache=self.cache, capture=self.capture,
@@ -107,10 +125,7 @@ class CachedStepper:
         # After the first step the image lives in the cache (cross-attention keys/values,
         # prefix positions): the context is not read again, so it need not follow reorders.
         self.ctx = ImageContext(None, None)
-        if self.capture:
-            logits, attentions = out
-            return logits[:, -1], _image_attention(self.model, attentions)
-        return out[:, -1], None
+        return _last_position(self.model, out, self.capture)
 
     def select(self, index):
         """Keep rows `index` (beam reordering, finished rows dropped)."""
@@ -139,17 +154,14 @@ class NaiveStepper:
         self.ids = new_ids if self.ids is None else torch.cat([self.ids, new_ids], dim=1)
         T = self.ids.size(1)
         out = self.model(self.ctx, self.ids, cache=None, capture=self.capture, logits_from=T - 1)
-        if self.capture:
-            logits, attentions = out
-            return logits[:, -1], _image_attention(self.model, attentions)
-        return out[:, -1], None
+        return _last_position(self.model, out, self.capture)
 
     def select(self, index):
         self.ids = self.ids.index_select(0, index)
         self.ctx = _select_context(self.ctx, index)
 
 
-def ctx_rows(ctx):
+def _ctx_rows(ctx):
     t = ctx.visual if ctx.visual is not None else ctx.prefix_embeds
     return t.size(0)
 

@@ -208,8 +208,9 @@ def zeroshot_section(root, out_dir, zs, details):
     acc = zs.get("accuracy", {})
     rows = []
     for slug, a in sorted(acc.items(), key=lambda kv: -kv[1]):
-        text = templates.get(slug, "ensemble of templates" if slug == "ensemble" else slug)
-        rows.append([f"`{text}`", fmt(a, 4)])
+        text = ("ensemble of the templates" if slug == "ensemble"
+                else f"`{templates.get(slug, slug)}`")
+        rows.append([text, fmt(a, 4)])
     lines += [f"Accuracy on {fmt(zs.get('n_images'))} p1 images per prompt template "
               f"(predictions use: {(details or {}).get('predict_with', '–')}, accuracy "
               f"{fmt(zs.get('predict_with_accuracy'), 4)}).", "", table(["template", "accuracy"], rows), ""]
@@ -232,10 +233,11 @@ def attention_section(root, out_dir, summary):
     maps = summary.get("maps", {})
     lines = ["## Attention over the image, word by word (problem 3)", "",
              f"Captions of the released variant `{summary.get('variant')}`; each panel is the "
-             f"attention of the query that produced the word over the image patches (layers "
-             f"`{maps.get('layers')}`, heads reduced by {maps.get('head_reduce')}, layers by "
-             f"{maps.get('layer_reduce')}; a word's BPE tokens merged by {maps.get('word_merge')}), "
-             "class token dropped, each panel on its own colour scale.", ""]
+             f"attention of the query that produced the word over the image patches (decoder "
+             f"blocks `{maps.get('layers', '–')}`, heads reduced by {maps.get('head_reduce', '–')}, "
+             f"blocks by {maps.get('layer_reduce', '–')}; a word's BPE tokens merged by "
+             f"{maps.get('word_merge', '–')}), class token dropped, each panel on its own colour "
+             "scale.", ""]
     for e in summary.get("p3", []):
         name = Path(e["figure"]).name
         lines += [f"**{e['name']}**: {e['caption']}", "",
@@ -252,6 +254,13 @@ def attention_section(root, out_dir, summary):
                   f"holding the most attention is of the named shape for "
                   f"{hits['most_attention_on_named_shape']} (the named shape is in the image for "
                   f"{hits['named_shape_in_image']}). Per word: `figures/attention/summary.json`.", ""]
+        rows = [[e["name"], w["word"], f"({w['patch'][0]}, {w['patch'][1]})",
+                 w.get("peak_object") or "background", w.get("most_attended_object") or "–",
+                 "yes" if w.get("peak_on_named_shape") else "no"]
+                for e in summary.get("p3", []) for w in e.get("shape_words", [])]
+        if rows:
+            lines += [table(["image", "word", "peak patch (row, col)", "object under the peak",
+                             "object with the most attention", "peak on the named shape"], rows), ""]
     return lines
 
 

@@ -230,8 +230,9 @@ def top_k(probs_row, id2label, k=5):
 
 
 def write_predictions_csv(path, filenames, label_ids):
-    """CSV `filename,label` (atomic). Filenames are written verbatim, quoted by csv if needed."""
-    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
+    """CSV `filename,label` (atomic). Filenames are written verbatim, quoted by csv if needed;
+    a name that is not valid UTF-8 keeps its original bytes (surrogateescape)."""
+    with atomic_open(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
         w = csv.writer(f)
         w.writerow(["filename", "label"])
         for name, label in zip(filenames, label_ids):

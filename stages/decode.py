@@ -36,7 +36,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     decode = dict(params["decode"])
     batch_size = decode.pop("batch_size")
-    config = DecodeConfig(**decode)
+    config = DecodeConfig.from_dict(decode, f"{args.params} decode")
     model, _ = load_captioner(Path("checkpoints") / args.variant / "model.safetensors",
                               world.decoder, device)
     tokenizer = world.tokenizer()

@@ -50,7 +50,7 @@ def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None):
         raise ValueError(f"image encoder {encoder_config.name}: not the one the checkpoint was "
                          f"trained on ({model.config.encoder_id})")
     encoder = build_encoder(encoder_config, device)
-    captions, skipped = caption_folder(img_dir, encoder, model, tokenizer, DecodeConfig(**decode),
+    captions, skipped = caption_folder(img_dir, encoder, model, tokenizer, DecodeConfig.from_dict(decode, f"{selected_path} decode"),
                                        batch_size or default_batch, device=device)
     write_json(out_json, captions)
     print(f"hw3_2: {len(captions)} images captioned -> {out_json}"

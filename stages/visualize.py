@@ -131,6 +131,8 @@ def main(argv=None):
             p3_entries[-1]["figure"] = str(OUT / f"{name}.png")
         val_entries = {}
         for which, (score, name) in (("best", ranked[-1]), ("worst", ranked[0])):
+            if name not in val_paths:
+                sys.exit(f"{world.image_dir('val')}: no image {name!r} (scored in {scores_path})")
             entry = draw(tmp / f"val_{which}.png", val, name, val_paths[name],
                          title=f"CLIPScore {score:.3f} ({which} of {len(ranked)} val images, "
                                f"variant {variant})")

@@ -469,6 +469,25 @@ def test_every_default_variant_fits_the_course_budget_at_real_size():
     assert table.count("\n") == len(rows) + 1 and "**NO**" not in table
 
 
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+@pytest.mark.parametrize("bridge,variant", [(b, v) for b in BRIDGES for v in VARIANTS])
+def test_builds_under_a_default_device(bridge, variant, device):
+    with torch.device(device):
+        model = Captioner(config(bridge, variant), GPT2(DECODER))
+    assert all(p.device.type == device for p in model.parameters())
+    if device != "meta":
+        visual, ids, targets = (t.to(device) for t in batch())
+        model.loss(visual, ids, targets).backward()
+
+
+def test_soft_prompt_starts_from_vocabulary_rows(course_sd):
+    model = build(course_sd, "cross", "prompt")
+    wte = model.decoder.wte.weight
+    for row in model.soft_prompt.embeds:
+        assert (wte == row).all(dim=1).any()
+
+
 def test_meta_build_allocates_nothing():
     model = build_on_meta(config("cross", "lora_all"))
     assert all(p.is_meta for p in model.parameters())

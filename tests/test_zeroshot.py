@@ -246,6 +246,14 @@ def test_hw3_1_fatal_inputs(tmp_path, tiny, p1, capsys):
     header, rows = read_csv(out)
     assert [n for n, _ in rows] == sorted(p.name for p in val.iterdir())
 
+    # a file name that is not valid UTF-8 comes back with its exact bytes
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    name = os.fsdecode(b"caf\xe9 1.png")
+    Image.new("RGB", (8, 8)).save(odd / name, format="PNG")
+    assert hw3_1.main([str(odd), str(good_map), str(out), "--params", str(params)]) == 0
+    assert out.read_bytes().splitlines()[1].startswith(b"caf\xe9 1.png,")
+
 
 def test_zeroshot_stage(tmp_path, tiny, p1, monkeypatch):
     from stages import zeroshot as stage

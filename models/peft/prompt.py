@@ -8,9 +8,12 @@ class SoftPrompt(nn.Module):
 
     def __init__(self, decoder, length):
         super().__init__()
-        rows = torch.randint(0, decoder.config.vocab_size, (length,),
-                             generator=torch.Generator().manual_seed(0))
-        self.embeds = nn.Parameter(decoder.wte.weight.detach()[rows].clone())
+        # drawn on the CPU, so the choice is the same on every device and under any
+        # torch.device(...) default (a CPU generator cannot draw on another device)
+        rows = torch.randint(0, decoder.config.vocab_size, (length,), device="cpu",
+                             generator=torch.Generator(device="cpu").manual_seed(0))
+        weight = decoder.wte.weight.detach()
+        self.embeds = nn.Parameter(weight[rows.to(weight.device)].clone())
 
     def forward(self, batch_size):
         return self.embeds[None].expand(batch_size, -1, -1)

@@ -1,0 +1,36 @@
+"""DVC stage demo_data: draw the demo world (images + captions) into data/demo/hw3_data.
+
+    python -m stages.demo_data [--out data/demo/hw3_data] [--params params.yaml]
+
+Reads params.yaml's `demo_data` section (demo.scenes.SceneConfig). The folder has the course's
+hw3_data layout (p1_data, p2_data, p3_data; see DESIGN.md) and is replaced atomically.
+"""
+import argparse
+import json
+
+import yaml
+
+from demo.scenes import SceneConfig, write_hw3_data
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="data/demo/hw3_data")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    with open(args.params, encoding="utf-8") as f:
+        params = yaml.safe_load(f) or {}
+    if not isinstance(params.get("demo_data"), dict):
+        raise SystemExit(f"{args.params}: missing the demo_data section")
+    try:
+        cfg = SceneConfig.from_dict(params["demo_data"])
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"{args.params}: demo_data: {e}") from None
+    root = write_hw3_data(args.out, cfg)
+    n_caps = len(json.loads((root / "p2_data" / "train.json").read_text())["annotations"])
+    print(f"demo world in {root}: {cfg.n_classes} classes x {cfg.n_p1_per_class} p1 images, "
+          f"{cfg.n_train} train / {cfg.n_val} val scenes ({n_caps} training captions), 5 p3 images")
+
+
+if __name__ == "__main__":
+    main()
