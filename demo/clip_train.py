@@ -147,6 +147,8 @@ def load_pairs(hw3_root, scene_cfg, n_single, progress=True):
     for i, im in enumerate(tqdm(meta["images"], desc="read p2 train", disable=not progress, leave=False)):
         with Image.open(p2 / "images" / "train" / im["file_name"]) as img:
             pixels.append(_pixels(img, res))
+        if im["id"] not in caps:
+            raise ValueError(f"{p2 / 'train.json'}: image {im['file_name']} has no captions")
         captions += caps[im["id"]]
         starts.append(len(captions))
         keys.append(-1 - i)

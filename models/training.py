@@ -72,6 +72,29 @@ def batch_loss(model, pairs, tokens, tokenizer, config, device):
         return model.loss(visual.float(), input_ids.to(device), targets.to(device))
 
 
+def make_optimizer(model, config):
+    """AdamW over the trainable parameters (no weight decay on vectors); returns (optimizer, params)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    return optimizer, params
+
+
+def train_step(model, optimizer, params, batch, tokens, tokenizer, config, device, lr):
+    """One optimiser step on a batch of (image row, caption ids) pairs; returns the loss tensor.
+    `tokens[rows]` gives the batch's image tokens (bench/train.py passes other sources)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = batch_loss(model, batch, tokens, tokenizer, config, device)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    return loss
+
+
 @torch.no_grad()
 def evaluate(model, val, tokenizer, config, device, subset):
     """(val loss over the subset's captions, greedy CIDEr over the subset, its captions)."""
@@ -99,11 +122,7 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
     torch.manual_seed(config.seed)
     shuffler = random.Random(config.seed)
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    optimizer, params = make_optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_pairs.pairs) / config.batch_size)
     total = steps_per_epoch * config.epochs
     subset = sorted(val_pairs.references)
@@ -115,13 +134,8 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
         bar = tqdm(train_pairs.batches(config.batch_size, True, shuffler), total=steps_per_epoch,
                    desc=f"epoch {epoch}/{config.epochs}", leave=False)
         for batch in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, config)
-            loss = batch_loss(model, batch, train_pairs.tokens, tokenizer, config, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
+            loss = train_step(model, optimizer, params, batch, train_pairs.tokens, tokenizer,
+                              config, device, lr_at(step, total, config))
             step += 1
             running += loss.item() * len(batch)
             count += len(batch)

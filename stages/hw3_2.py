@@ -10,7 +10,6 @@ the JSON holds all the others; 1 fatal (missing or empty folder, a decoder or ch
 not fit): nothing written; 2 usage error.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,34 +22,17 @@ def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None):
 
     from models.atomic import write_json
     from models.caption_folder import caption_folder
-    from models.checkpoint import load_captioner
     from models.decoding import DecodeConfig
-    from models.encoders import build_encoder, encoder_id, EncoderConfig
-    from models.tokenizer import Tokenizer
+    from models.release import load_release
 
     out_json = Path(out_json)
     if out_json.is_dir():
         raise ValueError(f"{out_json}: output path is a folder, expected a JSON file path")
-    selected_path = release / "selected.json"
-    try:
-        selected = json.loads(selected_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{selected_path}: missing: run `dvc repro select` (or `dvc pull select`)") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    decode = dict(selected["decode"])
-    default_batch = decode.pop("batch_size", 32)
-    model, _ = load_captioner(release / "captioner.safetensors", decoder_bin, device)
-    tokenizer = Tokenizer.from_files(release / "encoder.json", release / "vocab.bpe")
-    if tokenizer.identity != model.config.tokenizer_id:
-        raise ValueError(f"{release}: encoder.json/vocab.bpe are not the checkpoint's vocabulary")
-    encoder_config = EncoderConfig.from_dict(selected["encoder"])
-    if not Path(encoder_config.name).is_absolute() and (ROOT / encoder_config.name).exists():
-        encoder_config.name = str(ROOT / encoder_config.name)  # a demo CLIP file in the repo
-    if encoder_id(encoder_config) != model.config.encoder_id:
-        raise ValueError(f"image encoder {encoder_config.name}: not the one the checkpoint was "
-                         f"trained on ({model.config.encoder_id})")
-    encoder = build_encoder(encoder_config, device)
-    captions, skipped = caption_folder(img_dir, encoder, model, tokenizer, DecodeConfig.from_dict(decode, f"{selected_path} decode"),
+    r = load_release(release, decoder_bin, device)
+    decode, default_batch = r.decode_settings()
+    captions, skipped = caption_folder(img_dir, r.encoder, r.model, r.tokenizer,
+                                       DecodeConfig.from_dict(decode, "release/selected.json decode"),
                                        batch_size or default_batch, device=device)
     write_json(out_json, captions)
     print(f"hw3_2: {len(captions)} images captioned -> {out_json}"
@@ -73,11 +55,12 @@ def main(argv=None):
     from models.encoders import EncoderError
     from models.gpt2 import CheckpointError
     from models.imageio import ImageFolderError
+    from models.release import ReleaseError
     try:
         return run(args.img_dir, args.out_json, args.decoder_bin, Path(args.release),
                    args.batch_size, args.device)
-    except (ImageFolderError, CheckpointError, EncoderError, DuplicateNameError, ValueError,
-            OSError) as e:
+    except (ImageFolderError, CheckpointError, EncoderError, DuplicateNameError, ReleaseError,
+            ValueError, OSError) as e:
         print(f"hw3_2: error: {e}", file=sys.stderr)
         return EXIT_FATAL
 

@@ -21,39 +21,22 @@ from pathlib import Path
 
 import torch
 
+from demo.scenes import SHAPE_WORDS
 from models.atomic import atomic_dir, write_json
 from models.attention_maps import (AttentionMapConfig, caption_with_maps, encoder_view,
                                    plot_attention_grid)
 from models.attention_summary import (count_hits, demo_p3_objects, describe_peak,
                                       shape_vocabulary, shape_words_report)
-from models.checkpoint import load_captioner
 from models.decoding import DecodeConfig
-from models.encoders import EncoderConfig, build_encoder, encoder_id
 from models.features import FeatureFile
+from models.gpt2 import CheckpointError
 from models.imageio import list_images, load_rgb
 from models.pos_embed import patch_positional_embeddings, plot_similarity_grid
-from models.tokenizer import Tokenizer
+from models.release import ReleaseError, load_release
 from models.world import World, load_params
 
 OUT = Path("figures/attention")
 POS_EMBED = Path("figures/pos_embed_similarity.png")
-
-
-def load_release(release, decoder_bin, device):
-    """(model, tokenizer, encoder, selected.json) of the released captioner, all checked to fit."""
-    selected_path = release / "selected.json"
-    if not selected_path.is_file():
-        sys.exit(f"{selected_path}: missing: run the select stage first")
-    selected = json.loads(selected_path.read_text(encoding="utf-8"))
-    model, _ = load_captioner(release / "captioner.safetensors", decoder_bin, device)
-    tokenizer = Tokenizer.from_files(release / "encoder.json", release / "vocab.bpe")
-    if tokenizer.identity != model.config.tokenizer_id:
-        sys.exit(f"{release}: encoder.json/vocab.bpe are not the checkpoint's vocabulary")
-    encoder_config = EncoderConfig.from_dict(selected["encoder"])
-    if encoder_id(encoder_config) != model.config.encoder_id:
-        sys.exit(f"{release}: image encoder {encoder_config.name} is not the one the checkpoint "
-                 f"was trained on ({model.config.encoder_id})")
-    return model, tokenizer, build_encoder(encoder_config, device), selected
 
 
 def image_paths(folder):
@@ -67,16 +50,17 @@ class Drawer:
         self.model, self.tokenizer, self.encoder = model, tokenizer, encoder
         self.decode_config, self.map_config, self.vocab = decode_config, map_config, vocab
 
-    def __call__(self, path, features, name, image_path, title="", objects=None):
+    def __call__(self, folder, figure, features, name, image_path, title="", objects=None):
+        """Draw into folder/figure; the summary names it OUT/figure (where it will end up)."""
         tokens = features[features.index_of(name)]
         caption, hyp, maps = caption_with_maps(self.model, self.tokenizer, tokens,
                                                self.decode_config, features.num_prefix_tokens,
                                                features.grid, self.map_config)
         view = encoder_view(self.encoder.preprocess, load_rgb(image_path))
-        drawn = plot_attention_grid(path, view.image, maps, self.map_config,
+        drawn = plot_attention_grid(folder / figure, view.image, maps, self.map_config,
                                     title=f"{name}: {caption}" + (f"\n{title}" if title else ""))
         return {
-            "name": name, "image": str(image_path), "figure": str(path), "caption": caption,
+            "name": name, "image": str(image_path), "figure": str(OUT / figure), "caption": caption,
             "ended": hyp.ended,
             "words": [{"word": label, **describe_peak(d.numpy(), view, features.grid)}
                       for label, d in zip(maps.labels, drawn)],
@@ -98,12 +82,15 @@ def main(argv=None):
     map_config = AttentionMapConfig.from_dict(section, source=f"{args.params}: visualize")
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    model, tokenizer, encoder, selected = load_release(Path(args.release), world.decoder, device)
-    decode = {**selected["decode"], **decode_override}
-    decode.pop("batch_size", None)
-    decode_config = DecodeConfig(**decode)
+    try:
+        release = load_release(Path(args.release), world.decoder, device)
+    except (ReleaseError, CheckpointError) as e:
+        sys.exit(str(e))
+    model, tokenizer, encoder, selected = (release.model, release.tokenizer, release.encoder,
+                                           release.selected)
+    decode, _ = release.decode_settings()
+    decode_config = DecodeConfig.from_dict({**decode, **decode_override}, f"{args.params} visualize")
     variant = selected["variant"]
-    from demo.scenes import SHAPE_WORDS
     draw = Drawer(model, tokenizer, encoder, decode_config, map_config,
                   shape_vocabulary(SHAPE_WORDS))
 
@@ -115,6 +102,8 @@ def main(argv=None):
     p3_paths = image_paths(p3_dir)
     objects = demo_p3_objects(p3_dir, params.get(scene_section))
     scores_path = Path("predictions") / variant / "val_scores.json"
+    if not scores_path.is_file():
+        sys.exit(f"{scores_path}: missing: run the score stage of the selected variant {variant}")
     scores = json.loads(scores_path.read_text(encoding="utf-8"))
     ranked = sorted((s["clipscore"], n) for n, s in scores.items() if "clipscore" in s)
     if not ranked:
@@ -126,18 +115,16 @@ def main(argv=None):
         for name in p3.names:
             if name not in p3_paths:
                 sys.exit(f"{p3_dir}: no image for feature row {name!r}")
-            p3_entries.append(draw(tmp / f"{name}.png", p3, name, p3_paths[name],
+            p3_entries.append(draw(tmp, f"{name}.png", p3, name, p3_paths[name],
                                    objects=None if objects is None else objects.get(name)))
-            p3_entries[-1]["figure"] = str(OUT / f"{name}.png")
         val_entries = {}
         for which, (score, name) in (("best", ranked[-1]), ("worst", ranked[0])):
             if name not in val_paths:
                 sys.exit(f"{world.image_dir('val')}: no image {name!r} (scored in {scores_path})")
-            entry = draw(tmp / f"val_{which}.png", val, name, val_paths[name],
+            entry = draw(tmp, f"val_{which}.png", val, name, val_paths[name],
                          title=f"CLIPScore {score:.3f} ({which} of {len(ranked)} val images, "
                                f"variant {variant})")
-            entry.update(figure=str(OUT / f"val_{which}.png"), clipscore=score,
-                         scored_caption=scores[name]["caption"])
+            entry.update(clipscore=score, scored_caption=scores[name]["caption"])
             if entry["caption"] != entry["scored_caption"]:
                 print(f"note: val image {name}: caption here differs from the scored one "
                       f"(decode settings changed since scoring?)", file=sys.stderr)

@@ -197,9 +197,9 @@ def test_positional_embeddings_of_a_timm_vit():
     import timm
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
                               img_size=48, depth=1)
-    path_free = type("E", (), {})()  # an ImageEncoder-like holder of a timm model
-    path_free.model, path_free.grid, path_free.num_prefix_tokens = model, (3, 3), 1
-    pe = patch_positional_embeddings(path_free)
+    holder = type("E", (), {})()  # an ImageEncoder-like holder of a timm model
+    holder.model, holder.grid, holder.num_prefix_tokens = model, (3, 3), 1
+    pe = patch_positional_embeddings(holder)
     assert torch.equal(pe, model.pos_embed[0, 1:].detach())
     sim = cosine_similarity_matrix(pe)
     assert sim.shape == (9, 9) and torch.allclose(sim.diagonal(), torch.ones(9), atol=1e-5)
@@ -216,7 +216,6 @@ def make_pipeline(root, clip_path, bridge, peft):
     """Everything the visualize stage reads, in miniature: a data root with p3 scenes and val
     images, a tiny GPT-2 in the course format, a released checkpoint, feature files, scores."""
     from demo import scenes
-    os.chdir(root)
     data = root / "hw3_data"
     scene_cfg = {"image_size": 32, "seed": 3}
     cfg = scenes.SceneConfig.from_dict(scene_cfg)
@@ -343,7 +342,10 @@ def fabricate_outputs(root, cider=0.8123):
     fig.save(root / "figures" / "attention" / "bike.png")
     write("figures/attention/summary.json", {
         "variant": "lora", "maps": {"layers": "all", "head_reduce": "mean"},
-        "p3": [{"name": "bike", "caption": "a red box", "figure": "figures/attention/bike.png"}],
+        "p3": [{"name": "bike", "caption": "a red box", "figure": "figures/attention/bike.png",
+                "shape_words": [{"word": "box", "patch": [2, 3], "peak_object": "red square at (40, 30)",
+                                 "most_attended_object": "red square at (40, 30)",
+                                 "peak_on_named_shape": True}]}],
         "val": {}, "shape_word_hits": {"shape_words": 7, "peak_on_named_shape": 5,
                                        "most_attention_on_named_shape": 6, "named_shape_in_image": 7}})
     (root / "worlds").mkdir()
@@ -362,7 +364,8 @@ def test_report_renders_every_section_from_the_pipeline_outputs(tmp_path, monkey
     page = (tmp_path / "report" / "README.md").read_text()
     for text in ("0.812", "0.712", "0.654", "0.111", "123,456", "10.0 min", "0.4567", "0.5012",
                  "`a photo of a {}.`", "a red box", "not comparable", "1.2345",
-                 "dvc exp run -S peft.rank=16", "for 5, the object", "rank: 8"):
+                 "dvc exp run -S peft.rank=16", "for 5, the object", "rank: 8",
+                 "| bike | box | (2, 3) | red square at (40, 30) |"):
         assert text in page, text
     assert "Greedy vs beam" not in page  # no metrics/decoding_sweep.json: the section is left out
     for rel in ("figures/training_curves.png", "figures/variant_scores.png",

@@ -1,0 +1,264 @@
+"""Real-size numbers on a GPU, in one run: ViT-L/14 feature extraction, training per PEFT
+variant on cached features, beam-5 decoding, hw3_2-style captioning end to end; images or
+captions per second, peak GPU memory, and the share of the GPU's peak FLOP rate (bench/flops.py).
+
+    python -m bench.gpu --out results/          # needs CUDA; ~3-4 minutes on an H100
+    python -m bench.gpu --device cpu --small    # the same code at toy sizes (a smoke test)
+
+Random weights throughout (timm ViT-L/14 CLIP tower, GPT-2 small); the JPEGs are 640 x 480
+files written to a temp folder (16 distinct pictures, the rest copies). Each row is measured as
+the pipeline runs it now ("as is") and, where a setting would change it, with that setting
+("tuned"), so that a missed target names its cause.
+"""
+import argparse
+import contextlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench import flops
+from bench.common import (Stopwatch, build_variant, fmt_rate, random_captions, real_decoder,
+                          real_encoder, synthetic_tokenizer, write_jpegs)
+from bench.train import IdTokenizer
+from models.caption_folder import caption_folder
+from models.decoding import DecodeConfig, generate
+from models.features import FeatureFile, write_features
+from models.training import TrainConfig, make_optimizer, train_step
+
+TRAIN_CAPTIONS = 10604 * 5      # one epoch of the course's train split
+VAL_IMAGES = 1789
+ALL_IMAGES = 12393              # train + val
+
+
+def autocast(device, dtype):
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+class Report:
+    def __init__(self, out, peak):
+        self.rows, self.out, self.peak = [], out, peak
+
+    def add(self, what, setting, unit, rate, flop_per_item, mem, note=""):
+        row = dict(what=what, setting=setting, unit=unit, rate=rate,
+                   tflops=rate * flop_per_item / 1e12, share=rate * flop_per_item / self.peak,
+                   peak_gib=mem, note=note)
+        self.rows.append(row)
+        print(f"{what} [{setting}]: {fmt_rate(rate)} {unit}/s, {row['tflops']:.1f} TFLOP/s "
+              f"({row['share']:.1%} of peak), peak {mem:.1f} GiB {note}", flush=True)
+        if self.out:
+            (self.out / "gpu_results.json").write_text(json.dumps(self.rows, indent=1))
+
+    def table(self):
+        lines = ["| measured | setting | rate | TFLOP/s | share of peak | peak GPU memory | note |",
+                 "|---|---|---:|---:|---:|---:|---|"]
+        for r in self.rows:
+            lines.append(f"| {r['what']} | {r['setting']} | {fmt_rate(r['rate'])} {r['unit']}/s | "
+                         f"{r['tflops']:.1f} | {r['share']:.1%} | {r['peak_gib']:.1f} GiB | {r['note']} |")
+        return "\n".join(lines)
+
+
+def bench_encoder(encoder, device, report, batch, reps):
+    per_image = flops.encoder_forward(encoder)
+    pixels = torch.randn(batch, 3, *encoder.image_size, device=device)
+    for name, dtype in (("fp32 (as the extract stage runs it)", None), ("autocast fp16", torch.float16)):
+        peak_reset(device)
+        with torch.inference_mode(), autocast(device, dtype):
+            encoder(pixels)
+            with Stopwatch(device) as sw:
+                for _ in range(reps):
+                    encoder(pixels)
+        rate = batch * reps / sw.seconds
+        report.add("ViT-L/14 encoder only (tensors on GPU)", f"{name}, batch {batch}", "img", rate,
+                   per_image, peak_gib(device),
+                   f"{ALL_IMAGES} images: {ALL_IMAGES / rate:.1f} s")
+
+
+def bench_extract(encoder, eid, paths, device, report, tmp, settings):
+    per_image = flops.encoder_forward(encoder)
+    out = None
+    for name, dtype, batch, workers in settings:
+        out = Path(tmp) / f"extract_{workers}_{batch}.h5"
+        peak_reset(device)
+        with autocast(device, dtype), Stopwatch(device) as sw:
+            write_features(out, encoder, paths, eid, batch_size=batch, num_workers=workers,
+                           device=device, desc=f"extract {name}")
+        rate = len(paths) / sw.seconds
+        report.add(f"extraction, {len(paths)} JPEGs 640x480 -> HDF5 (write_features)",
+                   f"{name}, batch {batch}, {workers} loader workers", "img", rate, per_image,
+                   peak_gib(device), f"{ALL_IMAGES} images: {ALL_IMAGES / rate:.0f} s")
+    return out
+
+
+def bench_training(features, decoder, variants, device, report, batch, steps, warmup,
+                   profile_dir=None):
+    tokens = FeatureFile(features, in_memory=True).read_rows(range(len(FeatureFile(features))))
+    vocab = decoder.config.vocab_size
+    tok = IdTokenizer()
+    tok.eot_id = vocab - 1
+    caps = random_captions(batch * (steps + warmup), vocab, seed=1)
+    rows = torch.randint(len(tokens), (len(caps),), generator=torch.Generator().manual_seed(2)).tolist()
+    pairs = list(zip(rows, caps))
+    batches = [pairs[i:i + batch] for i in range(0, len(pairs), batch)]
+    text_len = round(sum(max(len(c) for _, c in b) + 2 for b in batches) / len(batches))
+    config = TrainConfig(batch_size=batch)
+    for variant in variants:
+        model = build_variant(decoder, variant, tokens.shape[2], tokens.shape[1]).to(device).train()
+        optimizer, params = make_optimizer(model, config)
+        trainable = sum(p.numel() for p in params)
+        per_caption = flops.CaptionerShape.of(model).train_per_caption(text_len)
+        peak_reset(device)
+        for b in batches[:warmup]:
+            train_step(model, optimizer, params, b, tokens, tok, config, device, config.lr).item()
+        with Stopwatch(device) as sw:
+            for b in batches[warmup:]:
+                train_step(model, optimizer, params, b, tokens, tok, config, device, config.lr).item()
+        rate = batch * steps / sw.seconds
+        report.add(f"training {variant} ({trainable / 1e6:.1f}M trainable), cached features in RAM",
+                   f"train_step, autocast bf16, batch {batch}", "caption", rate, per_caption,
+                   peak_gib(device),
+                   f"epoch of {TRAIN_CAPTIONS} captions: {TRAIN_CAPTIONS / rate:.0f} s")
+        if profile_dir is not None and variant == variants[0]:
+            profile_training(model, optimizer, params, batches[:6], tokens, tok, config, device,
+                             profile_dir / "profile_train.txt")
+        del model, optimizer
+
+
+def profile_training(model, optimizer, params, batches, tokens, tok, config, device, path):
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for b in batches:
+            train_step(model, optimizer, params, b, tokens, tok, config, device, config.lr).item()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    text = (prof.key_averages().table(sort_by=key, row_limit=25) + "\n\n"
+            + prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
+    path.write_text(text)
+    print(text[:4000])
+
+
+def bench_beam(features, decoder, device, report, batch, steps, beam):
+    tokens = FeatureFile(features, in_memory=True).read_rows(range(batch))
+    model = build_variant(decoder, "gated_cross:lora", tokens.shape[2], tokens.shape[1],
+                          perturb=True).to(device).eval()
+    per_image = flops.CaptionerShape.of(model).decode_per_image(steps, beam)
+    cfg = DecodeConfig(method="beam", beam_size=beam, max_new_tokens=steps, min_new_tokens=steps)
+    visual = tokens.to(device)
+    for name, dtype in (("fp32 (as decode/hw3_2 run it)", None), ("autocast bf16", torch.bfloat16)):
+        peak_reset(device)
+        with autocast(device, dtype):
+            generate(model, visual[:2], cfg, decoder.config.vocab_size - 1)
+            with Stopwatch(device) as sw:
+                generate(model, visual, cfg, decoder.config.vocab_size - 1)
+        rate = batch / sw.seconds
+        report.add(f"beam {beam} decoding, {steps} tokens, gated_cross:lora, cached features",
+                   f"{name}, {batch} images per batch", "caption", rate, per_image,
+                   peak_gib(device), f"{VAL_IMAGES} images: {VAL_IMAGES / rate:.1f} s")
+    del model
+
+
+def bench_end_to_end(img_dir, n_images, encoder, decoder, tokenizer, device, report, settings,
+                     steps, beam):
+    model = build_variant(decoder, "gated_cross:lora", encoder.width, encoder.num_tokens,
+                          perturb=True).to(device).eval()
+    per_image = (flops.encoder_forward(encoder)
+                 + flops.CaptionerShape.of(model).decode_per_image(steps, beam))
+    cfg = DecodeConfig(method="beam", beam_size=beam, max_new_tokens=steps, min_new_tokens=steps)
+    for name, dtype, batch, workers in settings:
+        peak_reset(device)
+        with autocast(device, dtype), Stopwatch(device) as sw:
+            captions, skipped = caption_folder(img_dir, encoder, model, tokenizer, cfg,
+                                               batch_size=batch, num_workers=workers, device=device)
+        assert len(captions) == n_images and not skipped and all(captions.values())
+        rate = n_images / sw.seconds
+        report.add(f"hw3_2-style end to end (caption_folder: JPEG -> ViT-L/14 -> beam {beam}, "
+                   f"{steps} tokens)", f"{name}, batch {batch}, {workers} loader workers", "img",
+                   rate, per_image, peak_gib(device),
+                   f"{VAL_IMAGES} images: {VAL_IMAGES / rate:.1f} s")
+    del model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_results.json")
+    p.add_argument("--small", action="store_true", help="toy sizes: a smoke test of this script")
+    p.add_argument("--variants", nargs="+", default=[
+        "gated_cross:lora", "gated_cross:adapter", "gated_cross:prefix", "gated_cross:prompt",
+        "gated_cross:adaption", "prefix:lora"])
+    p.add_argument("--images", type=int, default=VAL_IMAGES, help="JPEGs for extraction and hw3_2")
+    p.add_argument("--train-batch", type=int, default=64)
+    p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--decode-tokens", type=int, default=20)
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--decode-batch", type=int, default=128)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["encoder", "extract", "train", "profile", "beam", "e2e"],
+                   help="parts to leave out (extraction with autocast fp16 always runs)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, {os.cpu_count()} CPU cores, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    report = Report(out, flops.H100_BF16_DENSE)
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
+        if args.small:   # toy sizes, same code
+            from bench.common import demo_decoder, demo_encoder
+            encoder, eid, _ = demo_encoder(tmp, device=device)
+            decoder, _ = demo_decoder()
+            tokenizer = synthetic_tokenizer(decoder.config.vocab_size)
+            n, enc_batch, reps = min(args.images, 24), 8, 1
+        else:
+            encoder, eid, _ = real_encoder(tmp, device=device)
+            decoder, _ = real_decoder()
+            tokenizer = synthetic_tokenizer()
+            n, enc_batch, reps = args.images, 256, 5
+        print(f"models built in {time.time() - start:.0f} s", flush=True)
+        paths = write_jpegs(Path(tmp) / "images", n)
+        if "encoder" not in args.skip:
+            bench_encoder(encoder, device, report, enc_batch, reps)
+        # Always extracted (training and beam search read these features); the as-is row optional.
+        settings = [("autocast fp16", torch.float16, 256, args.workers)]
+        if "extract" not in args.skip:
+            settings.insert(0, ("fp32 (as the extract stage runs it)", None, 64, 0))
+        features = bench_extract(encoder, eid, paths, device, report, tmp, settings)
+        if "train" not in args.skip:
+            bench_training(features, decoder, args.variants, device, report, args.train_batch,
+                           args.train_steps, 3, out if "profile" not in args.skip else None)
+        if "beam" not in args.skip:
+            bench_beam(features, decoder, device, report, min(args.decode_batch, n),
+                       args.decode_tokens, args.beam)
+        if "e2e" not in args.skip:
+            bench_end_to_end(paths[0].parent, n, encoder, decoder, tokenizer, device, report,
+                             [("fp32 (as hw3_2.py runs it)", None, 32, 0),
+                              ("autocast bf16", torch.bfloat16, 128, args.workers)],
+                             args.decode_tokens, args.beam)
+    print(f"\nall done in {time.time() - start:.0f} s; peak = {flops.H100_BF16_DENSE / 1e12:.0f} "
+          f"TFLOP/s (H100 SXM dense bf16)\n")
+    print(report.table())
+    if out:
+        (out / "gpu_table.md").write_text(report.table() + "\n")
+
+
+if __name__ == "__main__":
+    main()

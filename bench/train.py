@@ -1,0 +1,208 @@
+"""Training throughput (captions/s) on cached features against the students' way (decode the
+JPEG and run the frozen encoder at every step), at the demo size and the real size
+(ViT-L/14 + GPT-2 small, random weights), all measured side by side in one run.
+
+    python -m bench.train                                   # ~3-4 minutes on 2 CPU cores
+    python -m bench.train --sizes real --device cuda --batch-size 64 --steps 20 \\
+        --variants gated_cross:lora gated_cross:adapter gated_cross:prefix
+
+Flow per size: a handful of real JPEG files are written to a temp folder; the extract stage's
+code (`models.features.write_features`) encodes them into an HDF5 feature file; then every
+variant trains with `models.training.train_step` (the pipeline's own step: AdamW, clipping,
+autocast bf16 on GPU) fed from three sources of image tokens:
+  h5 in RAM     the whole file read into memory once (what stages/train.py does)
+  h5 rows       rows read from the HDF5 file every step (FeatureFile.read_rows)
+  encode/step   each caption's JPEG decoded and run through the frozen encoder every step
+Batches are (image, caption) pairs with images drawn at random, as in an epoch over captions.
+"""
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench import flops
+from bench.common import (COURSE_IMAGE, DEMO_IMAGE, Stopwatch, build_variant, demo_decoder,
+                          demo_encoder, fmt_rate, random_captions, real_decoder, real_encoder,
+                          sync, write_jpegs)
+from models.features import FeatureFile, write_features
+from models.imageio import load_rgb
+from models.training import TrainConfig, make_optimizer, train_step
+
+SOURCES = ("h5 in RAM", "h5 rows", "encode/step")
+
+
+class H5Rows:
+    """`self[rows]`: the rows read from the HDF5 file at every step."""
+
+    def __init__(self, feature_file):
+        self.file = feature_file
+
+    def __getitem__(self, rows):
+        return self.file.read_rows(rows.tolist())
+
+
+class EncodeEveryStep:
+    """`self[rows]`: the students' way: decode each row's JPEG, preprocess, run the frozen
+    encoder (no grad; autocast bf16 on GPU, as the captioner). Times both parts."""
+
+    def __init__(self, paths, encoder, device):
+        self.paths, self.encoder, self.device = paths, encoder, torch.device(device)
+        self.decode = Stopwatch("cpu")
+        self.encode = Stopwatch(device)
+        self.images = 0
+
+    def __getitem__(self, rows):
+        with self.decode:
+            pixels = torch.stack([self.encoder.preprocess(load_rgb(self.paths[r]))
+                                  for r in rows.tolist()])
+        with self.encode, torch.no_grad(), torch.autocast(
+                device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.encoder(pixels.to(self.device))
+        self.images += len(rows)
+        return out
+
+
+class IdTokenizer:
+    eot_id = None   # batch_loss reads only the end token id
+
+
+@dataclass
+class Result:
+    size: str
+    variant: str
+    source: str
+    captions_per_s: float
+    step_s: float
+    train_flop: float = 0.0        # per caption, analytic
+    encoder_flop: float = 0.0      # per image, analytic (encode/step only)
+    decode_ms: float = 0.0         # per image (encode/step only)
+    encode_ms: float = 0.0
+
+
+def prepare(size, tmp, device, n_images, log=print):
+    """(encoder, encoder_id, paths, FeatureFile, description) for one size."""
+    make_encoder = demo_encoder if size == "demo" else real_encoder
+    encoder, eid, source = make_encoder(tmp, device=device)
+    paths = write_jpegs(Path(tmp) / f"{size}_images", n_images,
+                        DEMO_IMAGE if size == "demo" else COURSE_IMAGE)
+    h5 = Path(tmp) / f"{size}.h5"
+    with Stopwatch(device) as sw:
+        write_features(h5, encoder, paths, eid, batch_size=min(32, n_images), device=device,
+                       desc=f"extract {size}")
+    log(f"{size}: encoder {source}: {encoder.num_tokens} tokens x {encoder.width}; extracted "
+        f"{n_images} JPEGs in {sw.seconds:.2f} s ({n_images / sw.seconds:.1f} img/s, fp32)")
+    return encoder, eid, paths, FeatureFile(h5)
+
+
+def time_source(model, optimizer, params, tokens, batches, eot_id, config, device, warmup):
+    """Seconds per step over `batches` after `warmup` untimed steps (on the last batches)."""
+    tok = IdTokenizer()
+    tok.eot_id = eot_id
+    for batch in batches[len(batches) - warmup:]:
+        train_step(model, optimizer, params, batch, tokens, tok, config, device, config.lr).item()
+    sync(device)
+    start = time.perf_counter()
+    for batch in batches:
+        train_step(model, optimizer, params, batch, tokens, tok, config, device, config.lr).item()
+    sync(device)
+    return (time.perf_counter() - start) / len(batches)
+
+
+def bench_size(size, args, device, tmp, log=print):
+    encoder, eid, paths, features = prepare(size, tmp, device, args.images, log)
+    decoder, source = demo_decoder() if size == "demo" else real_decoder()
+    log(f"{size}: decoder {source}")
+    vocab, eot = decoder.config.vocab_size, decoder.config.vocab_size - 1
+    batch_size = args.batch_size or (32 if size == "demo" else 4)
+    n_batches = args.steps
+    captions = random_captions(batch_size * n_batches, vocab, seed=1)
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randint(len(paths), (batch_size * n_batches,), generator=g).tolist()
+    pairs = list(zip(rows, captions))
+    batches = [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
+    text_len = sum(max(len(c) for _, c in b) + 2 for b in batches) / len(batches)
+
+    in_ram = FeatureFile(features.path, in_memory=True).read_rows(range(len(features)))
+    on_the_fly = EncodeEveryStep(paths, encoder, device)
+    sources = {"h5 in RAM": in_ram, "h5 rows": H5Rows(features), "encode/step": on_the_fly}
+    enc_flop = flops.encoder_forward(encoder)
+    config = TrainConfig(batch_size=batch_size)
+    results = []
+    for variant in args.variants:
+        model = build_variant(decoder, variant, features.width, features.num_tokens).to(device).train()
+        optimizer, params = make_optimizer(model, config)
+        per_caption = flops.CaptionerShape.of(model).train_per_caption(round(text_len))
+        best = {}
+        for round_ in range(args.rounds):   # sources interleaved; the best round of each kept
+            for name in SOURCES:
+                on_the_fly.decode.seconds = on_the_fly.encode.seconds = on_the_fly.images = 0
+                step_s = time_source(model, optimizer, params, sources[name], batches, eot,
+                                     config, device, args.warmup if round_ == 0 else 0)
+                r = Result(size, variant, name, batch_size / step_s, step_s, per_caption)
+                if name == "encode/step":
+                    n = on_the_fly.images
+                    r.encoder_flop = enc_flop
+                    r.decode_ms = 1000 * on_the_fly.decode.seconds / n
+                    r.encode_ms = 1000 * on_the_fly.encode.seconds / n
+                if name not in best or r.step_s < best[name].step_s:
+                    best[name] = r
+        for name in SOURCES:
+            r = best[name]
+            results.append(r)
+            log(f"  {size} {variant} {name}: {r.captions_per_s:.2f} captions/s "
+                f"({r.step_s:.3f} s/step of {batch_size})")
+        del model, optimizer
+    features.close()
+    return results
+
+
+def table(results):
+    lines = [f"{'size':<5} {'variant':<22} {'image tokens from':<12} {'captions/s':>11} "
+             f"{'s/step':>8} {'vs encode/step':>15} {'JPEG ms/img':>12} {'encoder ms/img':>15}"]
+    for r in results:
+        base = next(x for x in results if x.size == r.size and x.variant == r.variant
+                    and x.source == "encode/step")
+        extra = (f"{r.decode_ms:>12.1f} {r.encode_ms:>15.1f}" if r.source == "encode/step"
+                 else f"{'':>12} {'':>15}")
+        lines.append(f"{r.size:<5} {r.variant:<22} {r.source:<12} {fmt_rate(r.captions_per_s):>11} "
+                     f"{r.step_s:>8.3f} {r.captions_per_s / base.captions_per_s:>14.1f}x {extra}")
+    return "\n".join(lines)
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["demo", "real"], choices=["demo", "real"])
+    p.add_argument("--variants", nargs="+", default=["gated_cross:lora"],
+                   help="BRIDGE:PEFT, e.g. gated_cross:lora prefix:none cross:adapter")
+    p.add_argument("--images", type=int, default=8, help="JPEG files written (and extracted)")
+    p.add_argument("--batch-size", type=int, default=0, help="captions per step (0: demo 32, real 4)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per source")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per source, first round")
+    p.add_argument("--rounds", type=int, default=2, help="rounds over the sources; best kept")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
+          f"{args.threads} CPU threads, {args.steps} timed steps per source and round, "
+          f"{args.rounds} rounds (best kept), {args.warmup} warm-up steps")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        for size in args.sizes:
+            results += bench_size(size, args, device, tmp)
+    print()
+    print(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""What the select stage releases (release/) and how hw3_2.sh and the visualize stage load it.
+
+release/
+  captioner.safetensors   the selected variant's trainable tensors + its CaptionerConfig
+  encoder.json, vocab.bpe the vocabulary it was trained with
+  selected.json           {variant, scores, encoder (EncoderConfig), decode, decoder_heads}
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.checkpoint import load_captioner
+from models.encoders import EncoderConfig, build_encoder, encoder_id
+from models.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ReleaseError(ValueError):
+    pass
+
+
+@dataclass
+class Release:
+    model: object  # Captioner, in eval mode
+    tokenizer: Tokenizer
+    encoder: object  # the frozen ImageEncoder it was trained on
+    selected: dict  # selected.json
+
+    def decode_settings(self):
+        """(decoding settings without batch_size, batch_size)."""
+        decode = dict(self.selected["decode"])
+        return decode, decode.pop("batch_size", 32)
+
+
+def load_release(release, decoder_bin, device="cpu"):
+    """The released captioner around the frozen GPT-2 at `decoder_bin`, every part checked to fit:
+    vocabulary (by content hash) and image encoder (by encoder id) against the checkpoint."""
+    release = Path(release)
+    selected_path = release / "selected.json"
+    try:
+        selected = json.loads(selected_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReleaseError(f"{selected_path}: missing: run `dvc repro select` "
+                           "(or `dvc pull select` in the real world)") from None
+    except json.JSONDecodeError as e:
+        raise ReleaseError(f"{selected_path}: not valid JSON ({e})") from None
+    model, _ = load_captioner(release / "captioner.safetensors", decoder_bin, device)
+    tokenizer = Tokenizer.from_files(release / "encoder.json", release / "vocab.bpe")
+    if tokenizer.identity != model.config.tokenizer_id:
+        raise ReleaseError(f"{release}: encoder.json/vocab.bpe are not the checkpoint's vocabulary")
+    encoder_config = EncoderConfig.from_dict(selected["encoder"])
+    if not Path(encoder_config.name).is_absolute() and (ROOT / encoder_config.name).exists():
+        encoder_config.name = str(ROOT / encoder_config.name)  # a demo CLIP file in the repo
+    if encoder_id(encoder_config) != model.config.encoder_id:
+        raise ReleaseError(f"image encoder {encoder_config.name}: not the one the checkpoint was "
+                           f"trained on ({model.config.encoder_id})")
+    return Release(model, tokenizer, build_encoder(encoder_config, device), selected)
