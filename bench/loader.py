@@ -24,7 +24,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from bench.common import build_variant, demo_decoder, fmt_rate, random_captions, real_decoder, sync
 from bench.train import IdTokenizer
 from models.features import FORMAT_VERSION, LIBVER, FeatureFile
-from models.training import TrainConfig, make_optimizer, train_step
+from models.training import TrainConfig, gather_rows, make_optimizer, train_step
 
 SIZES = {"demo": (65, 128, (8, 8), 64), "real": (257, 1024, (16, 16), 224)}   # T, D, grid, px
 
@@ -82,14 +82,14 @@ def loader_rate(features, batch_size, workers, seconds, seed=0):
     return rate
 
 
-def ram_rate(features, batch_size, seconds, seed=0):
-    """Rows/s of batches indexed from the in-RAM copy (stages/train.py's way)."""
+def ram_rate(features, batch_size, seconds, gather, seed=0):
+    """Rows/s of batches gathered from the in-RAM copy (stages/train.py's way) by `gather`."""
     ram = FeatureFile(features.path, in_memory=True).read_rows(range(len(features)))
     g = torch.Generator().manual_seed(seed)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         rows = torch.randint(len(ram), (batch_size,), generator=g)
-        n += len(ram[rows])
+        n += len(gather(ram, rows))
     return n / (time.perf_counter() - start)
 
 
@@ -144,16 +144,18 @@ def main(argv=None):
                   f"{mb:.0f} MiB), batches of {batch}", flush=True)
             consume = train_rate(size, features, batch, args.train_steps, device)
             print(f"  training consumes {consume:.1f} captions/s", flush=True)
-            rates = [("in RAM (stages/train.py)", ram_rate(features, batch, args.seconds))]
+            rates = [("in RAM, gather_rows (now)", ram_rate(features, batch, args.seconds, gather_rows)),
+                     ("in RAM, torch index (before)",
+                      ram_rate(features, batch, args.seconds, lambda t, r: t[r]))]
             for w in args.workers:
                 rates.append((f"HDF5, {w} workers", loader_rate(features, batch, w, args.seconds)))
                 print(f"  {rates[-1][0]}: {rates[-1][1]:.0f} rows/s", flush=True)
             rows_out += [(size, name, r, consume, T * D * 2) for name, r in rates]
             features.close()
-    print(f"\n{'size':<5} {'source':<26} {'rows/s':>10} {'MB/s':>8} {'training captions/s':>20} "
+    print(f"\n{'size':<5} {'source':<30} {'rows/s':>10} {'MB/s':>8} {'training captions/s':>20} "
           f"{'loader / training':>18}")
     for size, name, r, consume, row_bytes in rows_out:
-        print(f"{size:<5} {name:<26} {fmt_rate(r):>10} {r * row_bytes / 1e6:>8.0f} "
+        print(f"{size:<5} {name:<30} {fmt_rate(r):>10} {r * row_bytes / 1e6:>8.0f} "
               f"{fmt_rate(consume):>20} {r / consume:>17.1f}x")
     return rows_out
 

@@ -1,8 +1,10 @@
 """Train the demo world's small CLIP contrastively, from scratch, on demo image/caption pairs.
 
 What makes it learn shape (a prototype learned colour in 2 minutes but shape only to 0.3 after 8):
-- a pool of extra single-object images ("a photo of a red star", ...) in every batch, besides the
+- a pool of extra single-object images (portraits drawn like p1 but from their own random
+  stream, with captions such as "a photo of a red star") in every batch, besides the
   multi-object p2 scenes;
+- the visual positional embedding starts as 2-D sine-cosine codes (see build_clip);
 - hard negatives: the single-object part of a batch is drawn from a few colours only, so colour
   alone cannot tell its captions apart and the loss pays for shape;
 - several images of the same (colour, shape) in a batch are all positives of each other's captions
@@ -51,6 +53,7 @@ class DemoClipConfig:
     vision_patch_size: int = 8
     transformer_width: int = 128
     transformer_layers: int = 3
+    pos_init: str = "sincos"     # visual positional embedding init: "sincos" (2-D) or "random" (CLIP's)
     # data mix
     n_single: int = 6000         # extra single-object training images (not the p1 images)
     single_frac: float = 0.5     # share of each batch taken from the single-object pool
@@ -82,6 +85,8 @@ class DemoClipConfig:
             fail("n_single", "must be at least 1 when single_frac > 0")
         if self.colours_per_batch < 0:
             fail("colours_per_batch", "must be >= 0")
+        if self.pos_init not in ("sincos", "random"):
+            fail("pos_init", "must be 'sincos' or 'random'")
         if self.lr <= 0:
             fail("lr", "must be positive")
         if not 0.0 <= self.min_lr_frac <= 1.0:
@@ -98,16 +103,41 @@ class DemoClipConfig:
         return cls(**d)
 
 
+def sincos_2d(grid, dim):
+    """[grid * grid, dim] fixed 2-D sine-cosine position codes (row-major), as in MAE."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for t in (y.flatten(), x.flatten()):
+        a = t[:, None].double() * omega[None]
+        parts += [a.sin(), a.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
 def build_clip(cfg, image_resolution):
+    """A fresh clip.model.CLIP for `cfg` (context 77, heads = width // 64).
+
+    With pos_init="sincos" the visual positional embedding starts as 2-D sine-cosine codes
+    instead of noise: the tower then knows from step 0 which patches are neighbours, which a
+    from-scratch ViT otherwise has to learn before it can see shape (it stays trainable)."""
     if image_resolution % cfg.vision_patch_size:
         raise ValueError(f"DemoClipConfig.vision_patch_size={cfg.vision_patch_size} does not divide "
                          f"the image size {image_resolution}")
-    return CLIP(embed_dim=cfg.embed_dim, image_resolution=image_resolution,
-                vision_layers=cfg.vision_layers, vision_width=cfg.vision_width,
-                vision_patch_size=cfg.vision_patch_size, context_length=CONTEXT_LENGTH,
-                vocab_size=VOCAB_SIZE, transformer_width=cfg.transformer_width,
-                transformer_heads=cfg.transformer_width // 64,
-                transformer_layers=cfg.transformer_layers)
+    model = CLIP(embed_dim=cfg.embed_dim, image_resolution=image_resolution,
+                 vision_layers=cfg.vision_layers, vision_width=cfg.vision_width,
+                 vision_patch_size=cfg.vision_patch_size, context_length=CONTEXT_LENGTH,
+                 vocab_size=VOCAB_SIZE, transformer_width=cfg.transformer_width,
+                 transformer_heads=cfg.transformer_width // 64,
+                 transformer_layers=cfg.transformer_layers)
+    if cfg.pos_init == "sincos":
+        grid = image_resolution // cfg.vision_patch_size
+        with torch.no_grad():
+            pe = model.visual.positional_embedding
+            pe[0].zero_()
+            pe[1:] = 0.5 * sincos_2d(grid, pe.shape[1])
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

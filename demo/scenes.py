@@ -70,6 +70,10 @@ class SceneConfig:
     max_objects: int = 3
     object_min_frac: float = 0.25  # object extent as a fraction of the image side
     object_max_frac: float = 0.40
+    # single-object images (p1, and the demo CLIP's extra pool): one larger object near the centre
+    single_min_frac: float = 0.40
+    single_max_frac: float = 0.65
+    single_jitter: float = 0.12    # largest offset of its centre from the image centre (fraction)
     shapes: tuple = ("circle", "square", "triangle", "star", "cross", "diamond")
     colours: tuple = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
     jpeg_quality: int = 95
@@ -106,6 +110,11 @@ class SceneConfig:
         if not 0.05 <= self.object_min_frac <= self.object_max_frac <= 0.9:
             fail("object_min_frac" if self.object_min_frac < 0.05 else "object_max_frac",
                  "need 0.05 <= object_min_frac <= object_max_frac <= 0.9")
+        if not 0.05 <= self.single_min_frac <= self.single_max_frac <= 0.95:
+            fail("single_min_frac" if self.single_min_frac < 0.05 else "single_max_frac",
+                 "need 0.05 <= single_min_frac <= single_max_frac <= 0.95")
+        if not 0.0 <= self.single_jitter <= 0.5:
+            fail("single_jitter", "must be in [0, 0.5]")
         if not 1 <= self.jpeg_quality <= 100:
             fail("jpeg_quality", "must be in 1..100")
 
@@ -259,17 +268,28 @@ def draw_objects(canvas, objects):
         canvas += alpha * colour
 
 
-def render_scene(cfg, rng, n_objects=None, classes=None):
-    """Draw one scene. `classes`, if given, fixes the (colour, shape) of each object."""
-    if n_objects is None:
+def render_scene(cfg, rng, n_objects=None, classes=None, portrait=False):
+    """Draw one scene. `classes`, if given, fixes the (colour, shape) of each object.
+
+    portrait=True draws one object of the single-object size range near the centre (p1 images)."""
+    if portrait:
+        n_objects = 1
+    elif n_objects is None:
         n_objects = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     if classes is None:
         classes = [(cfg.colours[rng.integers(len(cfg.colours))], cfg.shapes[rng.integers(len(cfg.shapes))])
                    for _ in range(n_objects)]
-    lo, hi = cfg.object_min_frac * cfg.image_size, cfg.object_max_frac * cfg.image_size
+    size = cfg.image_size
+    if portrait:
+        lo, hi = cfg.single_min_frac * size, cfg.single_max_frac * size
+        e = float(rng.uniform(lo, hi))
+        c = size / 2 + rng.uniform(-cfg.single_jitter, cfg.single_jitter, size=2) * size
+        extents, centres = [e], [np.clip(c, e / 2 + 1, size - e / 2 - 1)]
+    else:
+        lo, hi = cfg.object_min_frac * size, cfg.object_max_frac * size
+        extents = [float(rng.uniform(lo, hi)) for _ in classes]
+        extents, centres = _place(rng, extents, size)
     mid = (lo + hi) / 2
-    extents = [float(rng.uniform(lo, hi)) for _ in classes]
-    extents, centres = _place(rng, extents, cfg.image_size)
     objects = [SceneObject(shape=s, colour=c, size="small" if e < mid else "large",
                            cx=float(p[0]), cy=float(p[1]), extent=e)
                for (c, s), e, p in zip(classes, extents, centres)]
@@ -394,13 +414,13 @@ def p1_scenes(cfg):
         for j in range(cfg.n_p1_per_class):
             image_id = k * cfg.n_p1_per_class + j
             rng = rng_for(cfg.seed, "p1", image_id)
-            out.append((k, image_id, render_scene(cfg, rng, classes=[(colour, shape)])))
+            out.append((k, image_id, render_scene(cfg, rng, classes=[(colour, shape)], portrait=True)))
     return out
 
 
 def single_object_scenes(cfg, n, split="clip_single", start=0):
-    """n single-object scenes with uniformly drawn (colour, shape) from the full colour x shape set."""
-    return [render_scene(cfg, rng_for(cfg.seed, split, start + i), n_objects=1) for i in range(n)]
+    """n portraits (as p1) with uniformly drawn (colour, shape) from the full colour x shape set."""
+    return [render_scene(cfg, rng_for(cfg.seed, split, start + i), portrait=True) for i in range(n)]
 
 
 def split_scenes(cfg, split, n, progress=True):

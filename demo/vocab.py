@@ -88,13 +88,14 @@ def write_vocab(encoder, merges, folder):
     return enc_path, bpe_path
 
 
-def build_demo_vocab(p2_dir, cfg):
-    """Train on `p2_dir/train.json`, write encoder.json + vocab.bpe beside it, reload them through
-    the course tokenizer and return a few statistics (tokens per caption on train and val)."""
+def build_demo_vocab(p2_dir, cfg, out_dir=None):
+    """Train on `p2_dir/train.json`, write encoder.json + vocab.bpe into out_dir (default: beside
+    it, as in the course's p2_data), reload them through the course tokenizer and return a few
+    statistics (tokens per caption on train and val)."""
     p2_dir = Path(p2_dir)
     train = read_captions(p2_dir / "train.json")
     encoder, merges = train_vocab(train, cfg.vocab_size, cfg.min_frequency)
-    enc_path, bpe_path = write_vocab(encoder, merges, p2_dir)
+    enc_path, bpe_path = write_vocab(encoder, merges, out_dir or p2_dir)
     tok = Tokenizer.from_files(enc_path, bpe_path)
     stats = {"vocab_size": tok.vocab_size, "requested_vocab_size": cfg.vocab_size,
              "merges": len(merges), "eot_id": tok.eot_id}

@@ -235,16 +235,22 @@ def course_key_set(n_layer):
     return keys
 
 
-def normalise_keys(sd):
-    """Drop the attention-mask buffers and a tied lm_head; accept an HF "transformer." prefix."""
+def normalise_keys(sd, source="state dict"):
+    """Drop the attention-mask buffers and a tied lm_head; accept an HF "transformer." prefix.
+
+    An lm_head that is not a copy of wte would be silently replaced by the tie: refuse it."""
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    head, wte = sd.get("lm_head.weight"), sd.get("wte.weight")
+    if head is not None and (wte is None or not torch.equal(head, wte)):
+        raise CheckpointError(f"{source}: 'lm_head.weight' differs from 'wte.weight'; GPT-2 ties "
+                              "them, so this checkpoint's output layer cannot be loaded")
     return {k: v for k, v in sd.items()
             if not IGNORED_BUFFER.fullmatch(k) and k != "lm_head.weight"}
 
 
 def config_from_state_dict(sd, n_head=12, source="state dict"):
     """Infer vocab, block size, width and depth from the tensors; n_head cannot be inferred."""
-    sd = normalise_keys(sd)
+    sd = normalise_keys(sd, source)
     for key in ("wte.weight", "wpe.weight"):
         if key not in sd:
             raise CheckpointError(f"{source}: no '{key}': not a GPT-2 state dict in the course "
@@ -276,7 +282,7 @@ def course_state_dict(model):
 
 def load_course_state_dict(model, sd, source="state dict"):
     """Copy a course-format state dict into `model` (a plain GPT2), checking every key and shape."""
-    sd = normalise_keys(sd)
+    sd = normalise_keys(sd, source)
     expected = course_key_set(model.config.n_layer)
     missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
     if missing or unexpected:

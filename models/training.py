@@ -63,22 +63,37 @@ def lr_at(step, total, config):
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def gather_rows(tokens, rows):
+    """`tokens[rows]`. A CPU tensor goes through numpy's take: torch's CPU index kernel on fp16
+    rows of 257 x 1024 ran ~36x slower (bench/loader.py, docs/performance.md)."""
+    if isinstance(tokens, torch.Tensor) and tokens.device.type == "cpu":
+        return torch.from_numpy(tokens.numpy()[rows.numpy()])
+    return tokens[rows]
+
+
 def batch_loss(model, pairs, tokens, tokenizer, config, device):
     image_rows = torch.tensor([i for i, _ in pairs])
-    visual = tokens[image_rows].to(device, non_blocking=True)
+    visual = gather_rows(tokens, image_rows).to(device, non_blocking=True)
     input_ids, targets, _ = caption_batch([t for _, t in pairs], tokenizer.eot_id,
                                           config.max_caption_tokens)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         return model.loss(visual.float(), input_ids.to(device), targets.to(device))
 
 
-def make_optimizer(model, config):
-    """AdamW over the trainable parameters (no weight decay on vectors); returns (optimizer, params)."""
+def make_optimizer(model, config, fused=None):
+    """AdamW over the trainable parameters (no weight decay on vectors); returns (optimizer, params).
+
+    fused=None: torch's fused kernel when every parameter is on the GPU (same update, a few
+    kernel launches instead of hundreds per step; training a small trainable part is
+    launch-bound, docs/performance.md)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda for p in params)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
+                                  fused=fused or None)
     return optimizer, params
 
 

@@ -303,7 +303,7 @@ def plot_top5(path, image, filename, top5, true_id=None, true_name=None):
 
 
 def plot_per_class(path, per_class):
-    """Per-class accuracy, worst at the top."""
+    """Per-class accuracy, best at the top."""
     plt = _plt()
     rows = sorted((r for r in per_class if r["n"]), key=lambda r: (r["accuracy"], r["name"]))
     fig, ax = plt.subplots(figsize=(7, 0.22 * len(rows) + 1.2))

@@ -1,6 +1,10 @@
 """DVC stage demo_vocab: byte-level BPE on the demo training captions -> encoder.json + vocab.bpe.
 
-    python -m stages.demo_vocab [--p2-data data/demo/hw3_data/p2_data] [--metrics metrics/demo_vocab.json]
+    python -m stages.demo_vocab [--p2-data data/demo/hw3_data/p2_data] [--out-dir DIR]
+                                [--metrics metrics/demo_vocab.json]
+
+Reads train.json / val.json from --p2-data and writes encoder.json + vocab.bpe into --out-dir
+(default: the --p2-data folder, as in the course's layout).
 
 Reads params.yaml's `demo_vocab` section (vocab_size, min_frequency).
 """
@@ -15,13 +19,14 @@ from models.atomic import write_json
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--p2-data", default="data/demo/hw3_data/p2_data")
+    ap.add_argument("--out-dir", default=None, help="where encoder.json + vocab.bpe go (default: --p2-data)")
     ap.add_argument("--metrics", default="metrics/demo_vocab.json")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     with open(args.params, encoding="utf-8") as f:
         params = yaml.safe_load(f) or {}
     cfg = VocabConfig.from_dict(params.get("demo_vocab"), source=f"{args.params}: demo_vocab")
-    stats = build_demo_vocab(args.p2_data, cfg)
+    stats = build_demo_vocab(args.p2_data, cfg, args.out_dir)
     write_json(args.metrics, stats)
     print(f"demo vocabulary: {stats['vocab_size']} tokens ({stats['merges']} merges), "
           f"{stats['train_tokens_per_caption_mean']} tokens per training caption")

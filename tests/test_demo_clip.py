@@ -151,6 +151,17 @@ def test_batches_group_single_objects_by_colour(world):
         assert ((data.caption_start[idx] <= cap) & (cap < data.caption_start[idx + 1])).all()
 
 
+def test_sincos_position_init_knows_neighbours():
+    cfg = DemoClipConfig(**TINY)
+    model = clip_train.build_clip(DemoClipConfig(**{**TINY, "vision_patch_size": 4}), 32)
+    pe = F.normalize(model.visual.positional_embedding[1:], dim=-1)   # 8 x 8 grid, row-major
+    sim = pe @ pe.T
+    assert sim[0, 1] > sim[0, 7] and sim[0, 8] > sim[0, 56] and sim[9, 10] > sim[9, 63]
+    random = clip_train.build_clip(DemoClipConfig(**{**TINY, "pos_init": "random"}), 32)
+    assert random.visual.positional_embedding[0].abs().sum() > 0
+    assert cfg.pos_init == "sincos"
+
+
 def test_lr_schedule():
     cfg = DemoClipConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_frac=0.1)
     lrs = [clip_train.lr_at(s, cfg) for s in range(100)]
@@ -165,6 +176,7 @@ def test_lr_schedule():
     (dict(steps=0), "steps"),
     (dict(single_frac=1.5), "single_frac"),
     (dict(lr=0), "lr"),
+    (dict(pos_init="learned"), "pos_init"),
 ])
 def test_bad_config_names_the_parameter(kw, name):
     with pytest.raises(ValueError, match=rf"DemoClipConfig\.{name}="):

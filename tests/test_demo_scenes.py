@@ -154,6 +154,14 @@ def test_spatial_words_follow_positions():
     assert scenes.SceneObject("star", "red", "small", 24, 5, 8).where(48) == "at the top"
 
 
+def test_p1_objects_are_centred_portraits():
+    cfg = tiny()
+    for _, _, scene in scenes.p1_scenes(cfg):
+        (ob,) = scene.objects
+        assert cfg.single_min_frac * 48 <= ob.extent <= cfg.single_max_frac * 48
+        assert abs(ob.cx - 24) <= cfg.single_jitter * 48 + 1e-6 and abs(ob.cy - 24) <= cfg.single_jitter * 48 + 1e-6
+
+
 def test_size_words_follow_extent():
     cfg = tiny(n_train=40)
     mid = (cfg.object_min_frac + cfg.object_max_frac) / 2 * cfg.image_size
@@ -195,6 +203,8 @@ def test_rewrite_replaces_the_folder_atomically(tmp_path):
     (dict(colours=("red", "red")), "colours"),
     (dict(image_size=8), "image_size"),
     (dict(object_min_frac=0.5, object_max_frac=0.3), "object_max_frac"),
+    (dict(single_min_frac=0.01), "single_min_frac"),
+    (dict(single_jitter=0.7), "single_jitter"),
 ])
 def test_impossible_params_name_the_parameter(kw, name):
     with pytest.raises(ValueError, match=rf"SceneConfig\.{name}="):

@@ -195,3 +195,9 @@ def test_stages_run_end_to_end(p2, tmp_path):
     assert (tmp_path / "plots" / "train_loss.csv").read_text().startswith("step,epoch,loss,lr")
     assert (tmp_path / "plots" / "loss.png").stat().st_size > 1000
     assert not list(folder.glob(".tmp-*"))
+
+    # the text files may also live outside p2_data (a DVC output must not sit inside another's)
+    text = tmp_path / "text"
+    demo_vocab.main(["--p2-data", str(folder), "--out-dir", str(text), "--metrics", str(tmp_path / "m2.json"),
+                     "--params", str(params)])
+    assert (text / "encoder.json").read_bytes() == (folder / "encoder.json").read_bytes()

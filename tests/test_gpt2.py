@@ -278,3 +278,16 @@ def test_pickle_payload_is_refused_and_does_not_run(tmp_path):
     # the payload is real: an unsafe load would have run it
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+def test_an_untied_lm_head_is_refused(tmp_path):
+    from models.gpt2 import GPT2, GPT2Config, CheckpointError, course_state_dict, load_course_checkpoint
+    model = GPT2(GPT2Config(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=8))
+    sd = course_state_dict(model)
+    sd["lm_head.weight"] = sd["wte.weight"].clone()
+    torch.save(sd, tmp_path / "tied.bin")
+    load_course_checkpoint(tmp_path / "tied.bin", n_head=2)  # a copy of wte is the tie itself
+    sd["lm_head.weight"] = sd["wte.weight"] + 1
+    torch.save(sd, tmp_path / "untied.bin")
+    with pytest.raises(CheckpointError, match="untied.bin.*lm_head"):
+        load_course_checkpoint(tmp_path / "untied.bin", n_head=2)
