@@ -257,6 +257,10 @@ def test_stage_writes_outputs_with_meteor(world, monkeypatch):
     run = world / "run"
     (run / "predictions" / "lora").mkdir(parents=True)
     (run / "predictions" / "lora" / "val.json").write_text(json.dumps(preds))
+    # the blind baseline: every image given another image's caption
+    names = sorted(preds)
+    blind = {n: preds[names[(i + 1) % len(names)]] for i, n in enumerate(names)}
+    (run / "predictions" / "lora" / "val_blind.json").write_text(json.dumps(blind))
     params = {"world": {"data_root": str(world / "hw3_data"), "clip": str(world / "clip_tiny.pt")},
               "score": {"metrics": list(scoring.METRICS), "batch_size": 4}}
     (run / "params.yaml").write_text(yaml.safe_dump(params))
@@ -264,7 +268,9 @@ def test_stage_writes_outputs_with_meteor(world, monkeypatch):
     stage.main(["--variant", "lora"])
 
     metrics = json.loads((run / "metrics" / "lora.json").read_text())
-    assert set(metrics) == {"cider", "clipscore", "bleu4", "meteor", "rougeL", "n_images"}
+    assert set(metrics) == {"cider", "clipscore", "bleu4", "meteor", "rougeL", "n_images",
+                            "cider_blind"}
+    assert metrics["cider_blind"] < metrics["cider"]
     assert metrics["n_images"] == 5
     per_image = json.loads((run / "predictions" / "lora" / "val_scores.json").read_text())
     assert set(per_image) == set(preds)
@@ -286,6 +292,7 @@ def test_stage_with_extracted_embeddings(world, monkeypatch):
     run = world / "run_emb"
     (run / "predictions" / "adapter").mkdir(parents=True)
     (run / "predictions" / "adapter" / "val.json").write_text(json.dumps(PREDICTIONS))
+    (run / "predictions" / "adapter" / "val_blind.json").write_text(json.dumps(PREDICTIONS))
     write_clip_embeddings(run / "clipscore_val.h5", model, preprocess, sorted(images.glob("*.jpg")),
                           "tiny")
     world_params = {"data_root": str(world / "hw3_data"), "clip": str(world / "clip_tiny.pt")}
@@ -296,6 +303,6 @@ def test_stage_with_extracted_embeddings(world, monkeypatch):
             "metrics": ["clipscore", "cider"], "image_embeddings": emb}}))
         stage.main(["--variant", "adapter"])
         results.append(json.loads((run / "metrics" / "adapter.json").read_text()))
-    assert list(results[0]) == ["clipscore", "cider", "n_images"]
+    assert list(results[0]) == ["clipscore", "cider", "n_images", "cider_blind"]
     assert abs(results[0]["clipscore"] - results[1]["clipscore"]) < 1e-6
     assert results[0]["cider"] == results[1]["cider"]
