@@ -122,3 +122,29 @@ def test_hw3_2_refuses_a_decoder_of_another_width(ran, tmp_path):
         capture_output=True, text=True)
     assert result.returncode == 1
     assert "wrong.bin" in result.stderr and not out.exists()
+
+
+def test_hw3_2_hostile_folder(ran, tmp_path):
+    """Every readable image gets a caption, each unreadable one a stderr line, exit status 3."""
+    from tests.hostile_images import READABLE, UNREADABLE, make_hostile_folder
+    folder = make_hostile_folder(tmp_path / "imgs dir")
+    out = tmp_path / "out dir" / "pred.json"
+    result = subprocess.run(
+        ["bash", str(REPO / "hw3_2.sh"), str(folder), str(out),
+         str(ran / "hw3_data/p2_data/decoder_model.bin"), "--release", str(ran / "release")],
+        capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    for name in UNREADABLE:
+        assert sum(name in line for line in result.stderr.splitlines()) == 1, result.stderr
+    captions = json.loads(out.read_text(encoding="utf-8"))
+    assert sorted(captions) == sorted(Path(n).stem for n in READABLE)
+    assert all(c.strip() for c in captions.values())
+
+
+def test_hw3_2_missing_folder_writes_nothing(ran, tmp_path):
+    out = tmp_path / "pred.json"
+    result = subprocess.run(
+        ["bash", str(REPO / "hw3_2.sh"), str(tmp_path / "no such folder"), str(out),
+         str(ran / "hw3_data/p2_data/decoder_model.bin"), "--release", str(ran / "release")],
+        capture_output=True, text=True)
+    assert result.returncode == 1 and "no such folder" in result.stderr and not out.exists()
