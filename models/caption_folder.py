@@ -5,30 +5,13 @@ unreadable ones are reported (one stderr line each) and returned, so the caller 
 the captions of all the others and signal the skip in its exit status.
 """
 import sys
-from collections import defaultdict
 
 import torch
 from tqdm import tqdm
 
 from models.decoding import caption_text, generate
+from models.features import image_names
 from models.imageio import image_loader, list_images, report_skip
-
-
-class DuplicateNameError(ValueError):
-    pass
-
-
-def image_names(paths):
-    """{name without extension: path}; two files with one name (a.jpg, a.png) are an error."""
-    by_name = defaultdict(list)
-    for p in paths:
-        by_name[p.stem].append(p)
-    clashes = {n: ps for n, ps in by_name.items() if len(ps) > 1}
-    if clashes:
-        n, ps = next(iter(clashes.items()))
-        raise DuplicateNameError(f"{len(clashes)} caption key(s) would be written twice, e.g. "
-                                 f"{n!r} from {', '.join(str(p) for p in ps)}")
-    return {n: ps[0] for n, ps in by_name.items()}
 
 
 @torch.inference_mode()
@@ -36,8 +19,7 @@ def caption_folder(img_dir, encoder, model, tokenizer, decode_config, batch_size
                    num_workers=0, device="cpu", stream=None):
     """Returns ({name without extension: caption}, [ImageReadError, ...])."""
     paths = list_images(img_dir, stream=stream or sys.stderr)
-    names = [p.stem for p in paths]
-    image_names(paths)
+    names = image_names(paths)  # two files with one stem (a.jpg, a.png) are an error
     captions, skipped = {}, []
     loader = image_loader(paths, encoder.preprocess, batch_size, num_workers)
     with tqdm(total=len(paths), desc="caption", unit="img") as bar:

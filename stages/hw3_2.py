@@ -51,7 +51,7 @@ def main(argv=None):
     ap.add_argument("--device")
     args = ap.parse_args(argv)
 
-    from models.caption_folder import DuplicateNameError
+    from models.features import FeatureFileError
     from models.encoders import EncoderError
     from models.gpt2 import CheckpointError
     from models.imageio import ImageFolderError
@@ -59,7 +59,7 @@ def main(argv=None):
     try:
         return run(args.img_dir, args.out_json, args.decoder_bin, Path(args.release),
                    args.batch_size, args.device)
-    except (ImageFolderError, CheckpointError, EncoderError, DuplicateNameError, ReleaseError,
+    except (ImageFolderError, CheckpointError, EncoderError, FeatureFileError, ReleaseError,
             ValueError, OSError) as e:
         print(f"hw3_2: error: {e}", file=sys.stderr)
         return EXIT_FATAL
