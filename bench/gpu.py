@@ -7,8 +7,8 @@ captions per second, peak GPU memory, and the share of the GPU's peak FLOP rate 
 
 Random weights throughout (timm ViT-L/14 CLIP tower, GPT-2 small); the JPEGs are 640 x 480
 files written to a temp folder (16 distinct pictures, the rest copies). Each row is measured as
-the pipeline runs it now ("as is") and, where a setting would change it, with that setting
-("tuned"), so that a missed target names its cause.
+the pipeline runs it now ("as is"); with --tuned also as it ran before the speed-ups ("before")
+and, for decoding, with settings the stages do not use yet, so that a missed target names its cause.
 """
 import argparse
 import contextlib
@@ -27,7 +27,8 @@ from bench.train import IdTokenizer
 from models.caption_folder import caption_folder
 from models.decoding import DecodeConfig, generate
 from models.features import FeatureFile, write_features
-from models.training import TrainConfig, make_optimizer, train_step
+from models.training import (TrainConfig, frozen_linear_weights_in, make_optimizer,
+                             on_device_if_fits, train_step)
 
 TRAIN_CAPTIONS = 10604 * 5      # one epoch of the course's train split
 VAL_IMAGES = 1789
@@ -105,24 +106,10 @@ def bench_extract(encoder, eid, paths, device, report, tmp, settings):
     return out
 
 
-def cast_frozen_linears(model, dtype=torch.bfloat16):
-    """Store the frozen decoder's Linear weights in `dtype` (what autocast otherwise re-casts at
-    every forward: the same rounding, so the matrix products are unchanged). lm_head is left
-    alone: its weight is the embedding table, which the residual stream reads in fp32."""
-    tied = model.decoder.wte.weight
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad \
-                and module.weight is not tied:
-            module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
-            if module.bias is not None:
-                module.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-    return model
-
-
 TRAIN_SETTINGS = {
-    "before": "foreach AdamW (before this change)",
-    "as is": "as the train stage runs now (fused AdamW on GPU)",
-    "tuned": "+ frozen Linear weights stored bf16, features on the GPU",
+    "before": "foreach AdamW, fp32 frozen weights, features on the host (the first train stage)",
+    "as is": "as models.training.train runs it (fused AdamW, frozen Linear weights stored bf16, "
+             "features on the GPU)",
 }
 
 
@@ -144,26 +131,26 @@ def bench_training(features, decoder, variants, device, report, batch, steps, wa
             for setting in settings:
                 model = build_variant(decoder, variant, tokens.shape[2], tokens.shape[1])
                 model = model.to(device).train()
-                source = tokens
-                if setting == "tuned":
-                    cast_frozen_linears(model)
-                    source = tokens.to(device)
-                optimizer, params = make_optimizer(model, config,
-                                                   fused=False if setting == "before" else None)
-                trainable = sum(p.numel() for p in params)
-                per_caption = flops.CaptionerShape.of(model).train_per_caption(text_len)
-                peak_reset(device)
-                for b in batches[:warmup]:
-                    train_step(model, optimizer, params, b, source, tok, config, device, config.lr).item()
-                with Stopwatch(device) as sw:
-                    for b in batches[warmup:]:
-                        train_step(model, optimizer, params, b, source, tok, config, device,
-                                   config.lr).item()
-                if setting not in best or sw.seconds < best[setting][0]:
-                    best[setting] = (sw.seconds, peak_gib(device))
-                if profile_dir is not None and variant == variants[0]:
-                    profile_training(model, optimizer, params, batches[:6], source, tok, config,
-                                     device, profile_dir / f"profile_train_{setting.replace(' ', '_')}.txt")
+                before = setting == "before"
+                source = tokens if before else on_device_if_fits(tokens, device)
+                optimizer, params = make_optimizer(model, config, fused=False if before else None)
+                frozen = contextlib.nullcontext() if before else \
+                    frozen_linear_weights_in(model, config.autocast_dtype(device))
+                with frozen:
+                    trainable = sum(p.numel() for p in params)
+                    per_caption = flops.CaptionerShape.of(model).train_per_caption(text_len)
+                    peak_reset(device)
+                    for b in batches[:warmup]:
+                        train_step(model, optimizer, params, b, source, tok, config, device, config.lr).item()
+                    with Stopwatch(device) as sw:
+                        for b in batches[warmup:]:
+                            train_step(model, optimizer, params, b, source, tok, config, device,
+                                       config.lr).item()
+                    if setting not in best or sw.seconds < best[setting][0]:
+                        best[setting] = (sw.seconds, peak_gib(device))
+                    if profile_dir is not None and variant == variants[0]:
+                        profile_training(model, optimizer, params, batches[:6], source, tok, config,
+                                         device, profile_dir / f"profile_train_{setting.replace(' ', '_')}.txt")
                 del model, optimizer, source
         for setting in settings:
             seconds, mem = best[setting]
@@ -199,10 +186,9 @@ def bench_beam(features, decoder, device, report, batch, steps, beam, tuned=Fals
     if tuned and device.type == "cuda":
         settings.append(("autocast bf16, frozen Linear weights stored bf16", torch.bfloat16))
     for name, dtype in settings:
-        if "stored bf16" in name:
-            cast_frozen_linears(model)
+        stored = torch.bfloat16 if "stored bf16" in name else None
         peak_reset(device)
-        with autocast(device, dtype):
+        with autocast(device, dtype), frozen_linear_weights_in(model, stored):
             generate(model, visual[:2], cfg, decoder.config.vocab_size - 1)
             with Stopwatch(device) as sw:
                 generate(model, visual, cfg, decoder.config.vocab_size - 1)
@@ -250,7 +236,7 @@ def main(argv=None):
     p.add_argument("--decode-batch", type=int, default=128)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--tuned", action="store_true",
-                   help="also measure training before/after the speed-ups and bf16-stored weights")
+                   help="also measure training before the speed-ups, decoding with bf16-stored weights")
     p.add_argument("--rounds", type=int, default=1, help="training: rounds over settings, best kept")
     p.add_argument("--skip", nargs="*", default=[],
                    choices=["encoder", "extract", "train", "profile", "beam", "e2e"],
@@ -287,7 +273,7 @@ def main(argv=None):
             settings.insert(0, ("fp32 (as the extract stage runs it)", None, 64, 0))
         features = bench_extract(encoder, eid, paths, device, report, tmp, settings)
         if "train" not in args.skip:
-            settings = ("before", "as is", "tuned") if args.tuned and device.type == "cuda" else ("as is",)
+            settings = ("before", "as is") if args.tuned and device.type == "cuda" else ("as is",)
             bench_training(features, decoder, args.variants, device, report, args.train_batch,
                            args.train_steps, 3, out if "profile" not in args.skip else None,
                            settings, args.rounds)

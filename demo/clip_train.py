@@ -1,27 +1,33 @@
 """Train the demo world's small CLIP contrastively, from scratch, on demo image/caption pairs.
 
 What makes it learn shape (a prototype learned colour in 2 minutes but shape only to 0.3 after 8):
+- the image tower is clip's ModifiedResNet (as in RN50). From scratch, ViTs of the same cost
+  (clip's and timm's, sine-cosine positions or not) stayed near chance on shape even when trained
+  supervised on shape alone for 150 steps, where the ResNet reached 0.96 in 50: convolutions see
+  edges and corners from the first step, a ViT must first learn which patches are neighbours;
 - a pool of extra single-object images (portraits drawn like p1 but from their own random
   stream, with captions such as "a photo of a red star") in every batch, besides the
   multi-object p2 scenes;
-- the visual positional embedding starts as 2-D sine-cosine codes (see build_clip);
 - hard negatives: the single-object part of a batch is drawn from a few colours only, so colour
   alone cannot tell its captions apart and the loss pays for shape;
 - several images of the same (colour, shape) in a batch are all positives of each other's captions
   (a multi-positive target), not false negatives;
 - a short text context (captions fit in ~34 CLIP tokens; with CLIP's causal mask the EOT output
   ignores later positions, so running on the first n tokens is exact) and warm-up + cosine decay.
+A ViT tower (vision_layers an int) is still supported; its positional embedding can start as
+2-D sine-cosine codes (pos_init).
 
-The saved file is a plain fp32 state dict of `clip.model.CLIP` with context_length 77 and
-heads = width // 64, which `clip.load(path, jit=False)` and `models.clip_io.load_clip` rebuild.
+The saved file is a plain fp32 state dict of `clip.model.CLIP` with context_length 77, which
+`clip.load(path, jit=False)` and `models.clip_io.load_clip` rebuild (heads are inferred from the
+widths); its preprocess resizes the demo images to the tower's input_resolution.
 """
-import dataclasses
 import json
 import math
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -36,6 +42,7 @@ with warnings.catch_warnings():
 
 from demo import scenes
 from models.atomic import atomic_path
+from models.config import from_section
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -46,11 +53,14 @@ CONTEXT_LENGTH = 77      # clip.tokenize always returns 77 tokens
 @dataclass
 class DemoClipConfig:
     seed: int = 0
-    # architecture (widths multiples of 64: clip.model.build_model infers heads = width // 64)
+    # architecture, as clip.model.build_model infers it back from the file:
+    # vision_layers an int: a ViT of that depth, heads = vision_width // 64;
+    # vision_layers 4 ints: clip's ModifiedResNet (RN50 is [3, 4, 6, 3]), heads = vision_width * 32 // 64
     embed_dim: int = 128
     vision_width: int = 128
-    vision_layers: int = 4
-    vision_patch_size: int = 8
+    vision_layers: Union[int, tuple] = 4
+    vision_patch_size: int = 8   # ViT only
+    input_resolution: int = 0    # the tower's input side (0 = the images' size); clip's preprocess resizes
     transformer_width: int = 128
     transformer_layers: int = 3
     pos_init: str = "sincos"     # visual positional embedding init: "sincos" (2-D) or "random" (CLIP's)
@@ -72,11 +82,22 @@ class DemoClipConfig:
         def fail(name, why):
             raise ValueError(f"DemoClipConfig.{name}={getattr(self, name)!r}: {why}")
 
-        for name in ("vision_width", "transformer_width"):
-            if getattr(self, name) <= 0 or getattr(self, name) % 64:
-                fail(name, "must be a positive multiple of 64 (CLIP infers heads = width // 64)")
-        for name in ("embed_dim", "vision_layers", "vision_patch_size", "transformer_layers",
-                     "batch_size", "steps", "threads"):
+        if isinstance(self.vision_layers, (list, tuple)):
+            self.vision_layers = tuple(self.vision_layers)
+            if len(self.vision_layers) != 4 or not all(isinstance(n, int) and n >= 1 for n in self.vision_layers):
+                fail("vision_layers", "a ResNet tower needs 4 block counts >= 1, e.g. [1, 1, 1, 1]")
+            if self.vision_width < 2 or self.vision_width % 2:
+                fail("vision_width", "a ResNet tower needs an even width (CLIP infers heads = width * 32 // 64)")
+        else:
+            if self.vision_width <= 0 or self.vision_width % 64:
+                fail("vision_width", "a ViT tower needs a positive multiple of 64 (CLIP infers heads = width // 64)")
+            if self.vision_layers < 1 or self.vision_patch_size < 1:
+                fail("vision_layers" if self.vision_layers < 1 else "vision_patch_size", "must be at least 1")
+        if self.transformer_width <= 0 or self.transformer_width % 64:
+            fail("transformer_width", "must be a positive multiple of 64 (CLIP infers heads = width // 64)")
+        if self.input_resolution < 0:
+            fail("input_resolution", "must be >= 0 (0 = the images' size)")
+        for name in ("embed_dim", "transformer_layers", "batch_size", "steps", "threads"):
             if getattr(self, name) < 1:
                 fail(name, "must be at least 1")
         if not 0.0 <= self.single_frac <= 1.0:
@@ -95,12 +116,23 @@ class DemoClipConfig:
             fail("warmup_steps" if self.warmup_steps < 0 else "eval_every", "must be >= 0")
 
     @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - known
-        if extra:
-            raise ValueError(f"unknown demo_clip parameter(s) {sorted(extra)}; known: {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d, source="demo_clip"):
+        return from_section(cls, d, source)
+
+    @property
+    def resnet(self):
+        return isinstance(self.vision_layers, tuple)
+
+    def model_resolution(self, image_size):
+        """The side of the tower's input for images of `image_size` pixels."""
+        res = self.input_resolution or image_size
+        if self.resnet and res % 32:
+            raise ValueError(f"DemoClipConfig.input_resolution={res}: a ResNet tower needs a multiple "
+                             "of 32 (its attention pool sees a res // 32 grid)")
+        if not self.resnet and res % self.vision_patch_size:
+            raise ValueError(f"DemoClipConfig.vision_patch_size={self.vision_patch_size} does not divide "
+                             f"the input resolution {res}")
+        return res
 
 
 def sincos_2d(grid, dim):
@@ -117,21 +149,20 @@ def sincos_2d(grid, dim):
 
 
 def build_clip(cfg, image_resolution):
-    """A fresh clip.model.CLIP for `cfg` (context 77, heads = width // 64).
+    """A fresh clip.model.CLIP for `cfg` (context 77) taking image_resolution-pixel inputs.
 
-    With pos_init="sincos" the visual positional embedding starts as 2-D sine-cosine codes
-    instead of noise: the tower then knows from step 0 which patches are neighbours, which a
-    from-scratch ViT otherwise has to learn before it can see shape (it stays trainable)."""
-    if image_resolution % cfg.vision_patch_size:
-        raise ValueError(f"DemoClipConfig.vision_patch_size={cfg.vision_patch_size} does not divide "
-                         f"the image size {image_resolution}")
+    ViT only: with pos_init="sincos" the visual positional embedding starts as 2-D sine-cosine
+    codes instead of noise, so the tower knows from step 0 which patches are neighbours."""
+    if cfg.model_resolution(image_resolution) != image_resolution:
+        raise ValueError(f"build_clip: image_resolution {image_resolution} is not the configured "
+                         f"input_resolution {cfg.input_resolution}")
     model = CLIP(embed_dim=cfg.embed_dim, image_resolution=image_resolution,
                  vision_layers=cfg.vision_layers, vision_width=cfg.vision_width,
                  vision_patch_size=cfg.vision_patch_size, context_length=CONTEXT_LENGTH,
                  vocab_size=VOCAB_SIZE, transformer_width=cfg.transformer_width,
                  transformer_heads=cfg.transformer_width // 64,
                  transformer_layers=cfg.transformer_layers)
-    if cfg.pos_init == "sincos":
+    if cfg.pos_init == "sincos" and not cfg.resnet:
         grid = image_resolution // cfg.vision_patch_size
         with torch.no_grad():
             pe = model.visual.positional_embedding
@@ -152,10 +183,15 @@ class PairData:
     colour: np.ndarray       # int [N]: colour index of single objects, -1 otherwise
 
 
-def _pixels(image, resolution):
-    if image.size != (resolution, resolution):
-        raise ValueError(f"demo image is {image.size}, expected {resolution}x{resolution}")
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
+def _pixels(image, image_size, resolution, source):
+    """uint8 [resolution, resolution, 3], resized as clip's preprocess does (bicubic, on the PIL image)."""
+    if image.size != (image_size, image_size):
+        raise ValueError(f"{source}: image is {image.size[0]}x{image.size[1]}, the demo world's "
+                         f"images are {image_size}x{image_size}")
+    image = image.convert("RGB")
+    if resolution != image_size:
+        image = image.resize((resolution, resolution), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
 
 
 def tokenize(captions):
@@ -165,18 +201,21 @@ def tokenize(captions):
     return tokens[:, :n_ctx].contiguous()
 
 
-def load_pairs(hw3_root, scene_cfg, n_single, progress=True):
-    """p2 train scenes (from the files) + n_single freshly drawn single-object scenes."""
+def load_pairs(hw3_root, scene_cfg, n_single, resolution=None, progress=True):
+    """p2 train scenes (from the files) + n_single freshly drawn single-object scenes, as pixels
+    of the tower's input `resolution` (default: the images' size)."""
     p2 = Path(hw3_root) / "p2_data"
     meta = json.loads((p2 / "train.json").read_text())
     caps = {}
     for a in meta["annotations"]:
         caps.setdefault(a["image_id"], []).append(a["caption"])
-    res = scene_cfg.image_size
+    size = scene_cfg.image_size
+    res = resolution or size
     pixels, captions, starts, keys, colours = [], [], [0], [], []
     for i, im in enumerate(tqdm(meta["images"], desc="read p2 train", disable=not progress, leave=False)):
-        with Image.open(p2 / "images" / "train" / im["file_name"]) as img:
-            pixels.append(_pixels(img, res))
+        path = p2 / "images" / "train" / im["file_name"]
+        with Image.open(path) as img:
+            pixels.append(_pixels(img, size, res, path))
         if im["id"] not in caps:
             raise ValueError(f"{p2 / 'train.json'}: image {im['file_name']} has no captions")
         captions += caps[im["id"]]
@@ -188,7 +227,7 @@ def load_pairs(hw3_root, scene_cfg, n_single, progress=True):
                    desc="draw singles", disable=not progress, leave=False):
         ob = sc.objects[0]
         c, s = scene_cfg.colours.index(ob.colour), scene_cfg.shapes.index(ob.shape)
-        pixels.append(_pixels(sc.image, res))
+        pixels.append(_pixels(sc.image, size, res, "a drawn single-object scene"))
         captions += sc.captions
         starts.append(len(captions))
         keys.append(c * S + s)
@@ -350,8 +389,8 @@ def save_clip(model, path):
     return Path(path)
 
 
-def p1_eval_set(hw3_root, image_resolution):
-    """(pixels uint8 [N,H,W,3], labels [N], class names) from p1_data/val and id2label.json."""
+def p1_eval_set(hw3_root, image_size, resolution=None):
+    """(pixels uint8 [N,H,W,3] at `resolution`, labels [N], class names) from p1_data/val."""
     p1 = Path(hw3_root) / "p1_data"
     id2label = json.loads((p1 / "id2label.json").read_text())
     names = [id2label[str(k)] for k in range(len(id2label))]
@@ -359,6 +398,6 @@ def p1_eval_set(hw3_root, image_resolution):
     pixels, labels = [], []
     for f in files:
         with Image.open(f) as img:
-            pixels.append(_pixels(img, image_resolution))
+            pixels.append(_pixels(img, image_size, resolution or image_size, f))
         labels.append(int(f.name.split("_")[0]))
     return torch.stack(pixels), torch.tensor(labels), names

@@ -7,7 +7,6 @@ inputs `[eot, t1..tN, eot, pad...]`, targets `[t1..tN, eot, -100...]`. Perplexit
 exp(mean cross-entropy over the counted targets), i.e. per token including the final eot.
 """
 import csv
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.atomic import atomic_open, atomic_path
+from models.config import from_section
 from models.gpt2 import GPT2, GPT2Config, course_state_dict, load_course_checkpoint
 from models.tokenizer import IGNORE_INDEX, caption_batch
 
@@ -40,12 +40,8 @@ class LMConfig:
     log_every: int = 10         # steps per point of the training-loss curve
 
     @classmethod
-    def from_dict(cls, d, source="params"):
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d or {}) - known
-        if extra:
-            raise ValueError(f"{source}: unknown demo_gpt2 parameter(s) {sorted(extra)}; known: {sorted(known)}")
-        cfg = cls(**(d or {}))
+    def from_dict(cls, d, source="demo_gpt2"):
+        cfg = from_section(cls, d, source)
         for name in ("n_layer", "n_head", "n_embd", "block_size", "epochs", "batch_size", "log_every"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{source}: {name}={getattr(cfg, name)} must be at least 1")

@@ -9,7 +9,6 @@ scenes with COCO-style `train.json` / `val.json`, and five p3 images under the c
 Every image is drawn from its own random stream, seeded by (seed, split, index), so the files are
 byte-identical for a fixed seed and one split can be regenerated without the others.
 """
-import dataclasses
 import itertools
 import json
 import math
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from models.config import from_section
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -128,12 +129,8 @@ class SceneConfig:
         return [(self.colours[k % C], self.shapes[(k // C + k % C) % S]) for k in range(self.n_classes)]
 
     @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - known
-        if extra:
-            raise ValueError(f"unknown demo_data parameter(s) {sorted(extra)}; known: {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d, source="demo_data"):
+        return from_section(cls, d, source)
 
 
 def class_label(colour, shape):

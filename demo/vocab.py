@@ -6,7 +6,6 @@ OpenAI's file); vocab.bpe is the line `#version: 0.2`, then one merge `a b` per 
 order, with a final newline (OpenAI's encoder.py drops the last line of the split). `<|endoftext|>`
 takes the last id. All 256 byte symbols are in the vocabulary, so any text can be encoded.
 """
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 from tokenizers import ByteLevelBPETokenizer
 
 from models.atomic import atomic_open
+from models.config import from_section
 from models.tokenizer import EOT, Tokenizer
 
 
@@ -23,12 +23,8 @@ class VocabConfig:
     min_frequency: int = 2     # a pair must occur this often to be merged
 
     @classmethod
-    def from_dict(cls, d, source="params"):
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d or {}) - known
-        if extra:
-            raise ValueError(f"{source}: unknown demo_vocab parameter(s) {sorted(extra)}; known: {sorted(known)}")
-        return cls(**(d or {}))
+    def from_dict(cls, d, source="demo_vocab"):
+        return from_section(cls, d, source)
 
 
 def read_captions(path):

@@ -1,9 +1,12 @@
 """Atomic output: write to a temporary file beside the target, then rename over it.
 
 A stage killed mid-write leaves at most a `.tmp-*` file, never a half-written output that a
-later stage (or DVC) could mistake for a finished one.
+later stage (or DVC) could mistake for a finished one. A long stage also calls
+`remove_outputs` first, so a run killed half-way does not leave the previous run's outputs
+beside its own, looking like one consistent result.
 """
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -31,6 +34,17 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_outputs(*paths):
+    """Delete these outputs (files or folders) and the `.tmp-*` leftovers of killed writes."""
+    for path in map(Path, paths):
+        leftovers = list(path.parent.glob(f".tmp-{glob.escape(path.name)}-*")) if path.parent.is_dir() else []
+        for p in [path, *leftovers]:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.atomic import atomic_path
+from models.config import from_section
 
 REDUCE = ("mean", "sum", "max")
 MERGE = ("mean", "sum", "none")
@@ -63,13 +64,8 @@ class AttentionMapConfig:
             raise ValueError(f"visualize.columns={self.columns}: expected at least 1")
 
     @classmethod
-    def from_dict(cls, d, source="params.yaml: visualize"):
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{source}: unknown keys {sorted(unknown)} "
-                             f"(known: {sorted(cls.__dataclass_fields__)})")
-        return cls(**d)
+    def from_dict(cls, d, source="params.yaml visualize"):
+        return from_section(cls, d, source)
 
 
 # --- layers and heads ---------------------------------------------------------------------------

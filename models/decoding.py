@@ -18,13 +18,15 @@ Decoding starts from `<|endoftext|>` (the course's start token) and stops at it.
 `logprob` is the sum of the model's log-probabilities of those tokens (untempered, unfiltered;
 the end token counts as a token). Beam search ranks by `logprob / len(tokens) ** length_penalty`.
 """
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.captioner import ImageContext
+from models.config import from_section
 
 METHODS = ("greedy", "beam", "sample")
 CLIP_CONTEXT = 77  # CLIP's text context, start and end tokens included
@@ -61,13 +63,7 @@ class DecodeConfig:
 
     @classmethod
     def from_dict(cls, d, source="decode"):
-        """From a params section; unknown keys are an error naming them (`source`: where from)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown decoding settings {unknown}; "
-                             f"expected among {sorted(known)}")
-        return cls(**d)
+        return from_section(cls, d, source)
 
 
 @dataclass
@@ -316,6 +312,11 @@ def generate(model, visual_tokens, config, eot_id, capture=False, cached=True, g
 
 def _decode(stepper_cls, model, visual_tokens, config, eot_id, capture, generator):
     device = visual_tokens.device
+    # the start token and every new token but the last are fed back: at most block_size new ones
+    room = model.decoder.config.block_size
+    if config.max_new_tokens > room:
+        config = dataclasses.replace(config, max_new_tokens=room,
+                                     min_new_tokens=min(config.min_new_tokens, room))
     stepper = stepper_cls(model, model.context(visual_tokens), capture)
     if config.method == "beam":
         return _beam_search(stepper, visual_tokens.size(0), config, eot_id, device)

@@ -9,6 +9,10 @@ final norm, and which carries what later code needs to use those tokens:
   width        D
   grid         (h, w) of the patch tokens: token num_prefix_tokens + r * w + c is patch (r, c)
 
+`EncoderConfig.precision` ("fp32", "fp16", "bf16") runs the forward under autocast to that dtype
+(fp16 on a GPU: ViT-L/14 extraction ~3.7x faster, docs/performance.md); the tokens come back fp32.
+It is part of `encoder_id`, so features and checkpoints of different precisions never mix.
+
 Two kinds:
 - "timm": any timm ViT-family model whose `forward_features` returns [B, T, D] (ViT, DeiT, EVA,
   BEiT, ...): all tokens after the final norm. `weights` is a local .pth/.safetensors file
@@ -16,12 +20,19 @@ Two kinds:
   CLIP's `visual.*`); it is loaded with every key checked. Without `weights` timm downloads the
   pretrained weights of `name` (real world only; needs the network).
 - "clip": the visual tower of an openai CLIP (`models.clip_io.load_clip`: a name such as
-  "ViT-L/14" or a checkpoint file). The package's `VisionTransformer.forward` keeps only the class
-  token, so `ClipVisualEncoder.forward` re-runs the tower's own submodules up to the transformer
-  output and applies `ln_post` to ALL tokens. The tokens are width-D (before `proj`): `proj` is the
+  "ViT-L/14" or "RN50", or a checkpoint file).
+  ViT towers: the package's `VisionTransformer.forward` keeps only the class token, so
+  `ClipVisualEncoder.forward` re-runs the tower's own submodules up to the transformer output and
+  applies `ln_post` to ALL tokens. The tokens are width-D (before `proj`): `proj` is the
   contrastive head of the class token only, and timm's CLIP towers also return width-D tokens
   after the final norm, so both kinds give the same tokens for the same weights.
   (`tokens[:, 0] @ visual.proj == model.encode_image(x)`; a test checks it.)
+  ResNet towers (`ModifiedResNet`): the last stage's g x g feature map goes into CLIP's attention
+  pool. Token 0 is that pool's output, the image embedding itself (`== encode_image(x)`); token
+  1 + r * g + c is position (r, c), plus its positional embedding, sent through the pool's value
+  and output projections alone
+  (MaskCLIP's dense CLIP features, Zhou et al. 2022): what that position contributes to the pooled
+  embedding, in the same space, without being mixed with the other positions.
 """
 import hashlib
 import json
@@ -33,9 +44,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from models.config import from_section
+
 
 class EncoderError(Exception):
     """An encoder that cannot be built; str() names the model/file and the problem."""
+
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -45,23 +61,25 @@ class EncoderConfig:
     weights: Optional[str] = None       # timm only: local weights file (None: timm's download)
     image_size: Optional[int] = None    # timm only: img_size override (square)
     model_kwargs: dict = field(default_factory=dict)   # timm only: extra create_model kwargs
+    precision: str = "fp32"             # "fp32" | "fp16" | "bf16": forward under autocast to it
 
     def __post_init__(self):
         self.model_kwargs = dict(self.model_kwargs or {})
         if self.kind not in ("timm", "clip"):
             raise EncoderError(f"encoder config: kind must be 'timm' or 'clip', got {self.kind!r}")
+        if self.precision not in PRECISIONS:
+            raise EncoderError(f"encoder config: precision must be one of {sorted(PRECISIONS)}, "
+                               f"got {self.precision!r}")
         if self.kind == "clip" and (self.weights or self.image_size or self.model_kwargs):
             raise EncoderError("encoder config: weights/image_size/model_kwargs are timm options; "
                                "for kind 'clip' put the checkpoint path in `name`")
 
     @classmethod
-    def from_dict(cls, d):
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise EncoderError(f"encoder config: unknown keys {sorted(unknown)} "
-                               f"(known: {sorted(cls.__dataclass_fields__)})")
-        return cls(**d)
+    def from_dict(cls, d, source="encoder config"):
+        try:
+            return from_section(cls, d, source)
+        except ValueError as e:
+            raise EncoderError(str(e)) from None
 
 
 def file_sha256(path, chunk=1 << 20):
@@ -89,12 +107,15 @@ def encoder_id(cfg: EncoderConfig) -> str:
         ident["image_size"] = int(cfg.image_size)
     if cfg.model_kwargs:
         ident["model_kwargs"] = cfg.model_kwargs
+    if cfg.precision != "fp32":   # other numbers; fp32 ids stay what they were before the option
+        ident["precision"] = cfg.precision
     return json.dumps(ident, sort_keys=True, separators=(",", ":"))
 
 
 class ImageEncoder(nn.Module):
-    """Common frozen behaviour; subclasses set the attributes and implement forward."""
+    """Common frozen behaviour; subclasses set the attributes and implement `tokens`."""
     preprocess = None
+    autocast_dtype = None   # from EncoderConfig.precision
     num_tokens: int
     num_prefix_tokens: int
     width: int
@@ -109,6 +130,14 @@ class ImageEncoder(nn.Module):
     def train(self, mode=True):
         # Frozen means frozen: a parent's .train() must not switch on dropout/drop-path here.
         return super().train(False)
+
+    def forward(self, images):
+        """[B, 3, H, W] preprocessed images -> fp32 tokens [B, T, D]."""
+        images = self._check_input(images)
+        dtype = self.autocast_dtype
+        with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            tokens = self.tokens(images)
+        return self._check(tokens.float())
 
     def _check_input(self, images):
         if images.ndim != 4 or tuple(images.shape[-2:]) != self.image_size:
@@ -211,10 +240,11 @@ class TimmEncoder(ImageEncoder):
         data_cfg = resolve_data_config({"input_size": (3, *self.image_size)}, model=model)
         self.data_config = data_cfg
         self.preprocess = create_transform(**data_cfg, is_training=False)
+        self.autocast_dtype = PRECISIONS[cfg.precision]
         self._freeze()
 
-    def forward(self, images):
-        return self._check(self.model.forward_features(self._check_input(images)))
+    def tokens(self, images):
+        return self.model.forward_features(images)
 
 
 # --------------------------------------------------------------------------------------- CLIP
@@ -222,34 +252,59 @@ class ClipVisualEncoder(ImageEncoder):
     def __init__(self, cfg: EncoderConfig, device="cpu"):
         super().__init__()
         from models.clip_io import load_clip
-        from clip.model import VisionTransformer
+        from clip.model import ModifiedResNet, VisionTransformer
         clip_model, preprocess = load_clip(cfg.name, device=device)
         visual = clip_model.visual
-        if not isinstance(visual, VisionTransformer):
-            raise EncoderError(f"CLIP {cfg.name}: visual tower is {type(visual).__name__}, "
-                               "not a ViT; it has no patch tokens")
-        self.visual = visual   # only the tower is kept; `visual.proj` maps a class token to CLIP space
+        self.visual = visual   # only the tower is kept
         res = int(visual.input_resolution)
-        patch = int(visual.conv1.kernel_size[0])
         self.image_size = (res, res)
-        self.grid = (res // patch, res // patch)
         self.num_prefix_tokens = 1
+        if isinstance(visual, VisionTransformer):
+            patch = int(visual.conv1.kernel_size[0])
+            self.grid = (res // patch, res // patch)
+            self.width = int(visual.conv1.out_channels)
+        elif isinstance(visual, ModifiedResNet):
+            self.grid = (res // 32, res // 32)
+            self.width = int(visual.attnpool.c_proj.out_features)
+        else:
+            raise EncoderError(f"CLIP {cfg.name}: visual tower is {type(visual).__name__}, "
+                               "neither a ViT nor a ModifiedResNet")
         self.num_tokens = 1 + self.grid[0] * self.grid[1]
-        self.width = int(visual.conv1.out_channels)
         self.preprocess = preprocess
+        self.autocast_dtype = PRECISIONS[cfg.precision]
         self._freeze()
 
-    def forward(self, images):
+    def tokens(self, images):
+        if hasattr(self.visual, "attnpool"):
+            return self._resnet_tokens(images)
+        return self._vit_tokens(images)
+
+    def _resnet_tokens(self, images):
+        v = self.visual
+        x = images.type(v.conv1.weight.dtype)
+        # clip.model.ModifiedResNet.forward up to its attention pool
+        x = v.relu1(v.bn1(v.conv1(x)))
+        x = v.relu2(v.bn2(v.conv2(x)))
+        x = v.avgpool(v.relu3(v.bn3(v.conv3(x))))
+        x = v.layer4(v.layer3(v.layer2(v.layer1(x))))
+        pool = v.attnpool
+        pooled = pool(x)                                           # [B, D]: encode_image
+        x = x.flatten(start_dim=2).permute(0, 2, 1)                # [B, g*g, C]
+        x = x + pool.positional_embedding[1:].to(x.dtype)
+        dense = pool.c_proj(pool.v_proj(x))                        # [B, g*g, D]
+        return torch.cat([pooled[:, None], dense], dim=1)
+
+    def _vit_tokens(self, images):
         v = self.visual
         # clip.model.VisionTransformer.forward, minus its last step's `x[:, 0, :]`.
-        x = v.conv1(self._check_input(images).type(v.conv1.weight.dtype))   # [B, width, gh, gw]
+        x = v.conv1(images.type(v.conv1.weight.dtype))                   # [B, width, gh, gw]
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)   # [B, gh*gw, width]
         cls = v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1],
                                                           dtype=x.dtype, device=x.device)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
         x = v.ln_pre(x)
         x = v.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)   # the package's blocks are LND
-        return self._check(v.ln_post(x))
+        return v.ln_post(x)
 
 
 def build_encoder(cfg, device="cpu") -> ImageEncoder:

@@ -11,11 +11,13 @@ from models.attention_maps import pyplot, save_figure
 
 def patch_positional_embeddings(encoder):
     """[gh * gw, D] positional embeddings of the patch positions (class/prefix positions dropped),
-    row-major, of an ImageEncoder from models/encoders.py (openai CLIP visual tower or timm ViT)."""
+    row-major, of an ImageEncoder from models/encoders.py (openai CLIP visual tower, ViT or
+    ResNet, or timm ViT)."""
     gh, gw = encoder.grid
     n_patches = gh * gw
-    if hasattr(encoder, "visual"):  # openai CLIP: visual.positional_embedding [1 + gh*gw, D]
-        pe = encoder.visual.positional_embedding
+    if hasattr(encoder, "visual"):  # openai CLIP: [1 + gh*gw, D], a ResNet's in its attention pool
+        visual = encoder.visual
+        pe = visual.attnpool.positional_embedding if hasattr(visual, "attnpool") else visual.positional_embedding
     elif hasattr(encoder, "model") and getattr(encoder.model, "pos_embed", None) is not None:
         pe = encoder.model.pos_embed  # timm: [1, (prefix +) gh*gw, D]
     else:

@@ -93,6 +93,9 @@ def load_references(path):
         if ann["image_id"] not in id_to_name:
             raise ValueError(f"{path}: annotations[{i}] refers to image_id {ann['image_id']!r}, "
                              "which is not in 'images'")
+        if not ann["caption"].strip():
+            raise ValueError(f"{path}: annotations[{i}] (image {id_to_name[ann['image_id']]!r}) "
+                             "has an empty caption")
         refs[id_to_name[ann["image_id"]]].append(ann["caption"])
     empty = [n for n, caps in refs.items() if not caps]
     if empty:

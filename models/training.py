@@ -1,7 +1,8 @@
 """Training a captioner on cached image tokens: AdamW, warm-up + cosine, gradient clipping,
-autocast on GPU; every epoch a train loss, a val loss and a val CIDEr from greedy decoding of a
+bf16 autocast on GPU; every epoch a train loss, a val loss and a val CIDEr from greedy decoding of a
 val subset; the checkpoint with the best val CIDEr is kept (CIDEr peaks early while the loss
 keeps falling)."""
+import contextlib
 import math
 import random
 import time
@@ -28,6 +29,21 @@ class TrainConfig:
     val_images: int = 200  # val subset decoded every epoch for CIDEr (0 = all)
     val_batch_size: int = 64
     seed: int = 0
+    precision: str = "auto"  # "auto": bf16 autocast on a GPU, fp32 on the CPU | "fp32" | "bf16"
+
+    def __post_init__(self):
+        for name, least in (("epochs", 1), ("batch_size", 1), ("val_batch_size", 1),
+                            ("max_caption_tokens", 2)):  # 2: the start and the end token
+            if getattr(self, name) < least:
+                raise ValueError(f"train.{name}={getattr(self, name)!r}: must be at least {least}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"train.precision={self.precision!r}: must be 'auto', 'fp32' or 'bf16'")
+
+    def autocast_dtype(self, device):
+        """The autocast dtype on `device`, or None for plain fp32."""
+        if self.precision == "auto":
+            return torch.bfloat16 if torch.device(device).type == "cuda" else None
+        return torch.bfloat16 if self.precision == "bf16" else None
 
 
 class CaptionPairs:
@@ -71,12 +87,52 @@ def gather_rows(tokens, rows):
     return tokens[rows]
 
 
+def autocast(config, device):
+    dtype = config.autocast_dtype(device)
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+@contextlib.contextmanager
+def frozen_linear_weights_in(model, dtype):
+    """Inside: the frozen nn.Linear weights and biases are stored in `dtype` (None: unchanged).
+
+    Under autocast to `dtype` every forward casts them to `dtype` anyway: storing them cast gives
+    the same rounding and so the same products, without re-casting ~85M frozen weights at every
+    step (GPU profile in docs/performance.md). A Linear sharing its weight with an Embedding (the
+    tied lm_head) is left alone: the residual stream reads that table in fp32. The original fp32
+    parameters are put back on exit."""
+    if dtype is None:
+        yield model
+        return
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    saved = [(m, m.weight, m.bias) for m in model.modules()
+             if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and id(m.weight) not in tables]
+    try:
+        for module, weight, bias in saved:
+            module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+            if bias is not None and not bias.requires_grad:
+                module.bias = torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        yield model
+    finally:
+        for module, weight, bias in saved:
+            module.weight, module.bias = weight, bias
+
+
+def on_device_if_fits(tokens, device, share=0.5):
+    """The whole image-token table on the GPU when it takes under `share` of its free memory: each
+    step then gathers its rows there instead of on the host plus a host-to-device copy."""
+    if torch.device(device).type != "cuda" or not isinstance(tokens, torch.Tensor):
+        return tokens
+    free, _ = torch.cuda.mem_get_info(device)
+    return tokens.to(device) if tokens.numel() * tokens.element_size() < share * free else tokens
+
+
 def batch_loss(model, pairs, tokens, tokenizer, config, device):
     image_rows = torch.tensor([i for i, _ in pairs])
     visual = gather_rows(tokens, image_rows).to(device, non_blocking=True)
     input_ids, targets, _ = caption_batch([t for _, t in pairs], tokenizer.eot_id,
                                           config.max_caption_tokens)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(config, device):
         return model.loss(visual.float(), input_ids.to(device), targets.to(device))
 
 
@@ -122,9 +178,10 @@ def evaluate(model, val, tokenizer, config, device, subset):
         weights.append(len(batch))
     row_of = {n: i for i, n in enumerate(val.names)}
     rows = ((n, val.tokens[row_of[n]].float()) for n in subset)
-    predictions = caption_features(model, tokenizer, rows, DecodeConfig(method="greedy"),
-                                   batch_size=config.val_batch_size, device=device,
-                                   total=len(subset))
+    with autocast(config, device):
+        predictions = caption_features(model, tokenizer, rows, DecodeConfig(method="greedy"),
+                                       batch_size=config.val_batch_size, device=device,
+                                       total=len(subset))
     score, _ = cider(*tokenize_pair(predictions, sub_refs, subset))
     model.train()
     loss = sum(l * w for l, w in zip(losses, weights)) / sum(weights)
@@ -133,7 +190,11 @@ def evaluate(model, val, tokenizer, config, device, subset):
 
 def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, device,
           log=print):
-    """Train the trainable part of `model`; write the best-val-CIDEr checkpoint; return history."""
+    """Train the trainable part of `model`; return (history, best epoch's row).
+
+    The best val-CIDEr epoch's trainable tensors are kept in memory and written to
+    `checkpoint_path` once training is over (the model is left holding them), so a killed run
+    never leaves a checkpoint behind that looks like a finished one."""
     torch.manual_seed(config.seed)
     shuffler = random.Random(config.seed)
     model.to(device).train()
@@ -143,25 +204,32 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
     subset = sorted(val_pairs.references)
     if config.val_images:
         subset = subset[:config.val_images]
+    train_tokens = on_device_if_fits(train_pairs.tokens, device)
     history, best, step, start = [], None, 0, time.time()
-    for epoch in range(1, config.epochs + 1):
-        running, count = 0.0, 0
-        bar = tqdm(train_pairs.batches(config.batch_size, True, shuffler), total=steps_per_epoch,
-                   desc=f"epoch {epoch}/{config.epochs}", leave=False)
-        for batch in bar:
-            loss = train_step(model, optimizer, params, batch, train_pairs.tokens, tokenizer,
-                              config, device, lr_at(step, total, config))
-            step += 1
-            running += loss.item() * len(batch)
-            count += len(batch)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        val_loss, val_cider, _ = evaluate(model, val_pairs, tokenizer, config, device, subset)
-        row = dict(epoch=epoch, train_loss=running / count, val_loss=val_loss, val_cider=val_cider,
-                   seconds=round(time.time() - start, 1))
-        history.append(row)
-        log(f"epoch {epoch}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
-            f"val CIDEr {val_cider:.4f}")
-        if best is None or val_cider > best["val_cider"]:
-            best = row
-            save_trainable(model, checkpoint_path, extra={"epoch": epoch, "val_cider": val_cider})
+    with frozen_linear_weights_in(model, config.autocast_dtype(device)):
+        for epoch in range(1, config.epochs + 1):
+            running, count = 0.0, 0
+            bar = tqdm(train_pairs.batches(config.batch_size, True, shuffler), total=steps_per_epoch,
+                       desc=f"epoch {epoch}/{config.epochs}", leave=False)
+            for batch in bar:
+                loss = train_step(model, optimizer, params, batch, train_tokens, tokenizer,
+                                  config, device, lr_at(step, total, config))
+                step += 1
+                running += loss.item() * len(batch)
+                count += len(batch)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            val_loss, val_cider, _ = evaluate(model, val_pairs, tokenizer, config, device, subset)
+            row = dict(epoch=epoch, train_loss=running / count, val_loss=val_loss, val_cider=val_cider,
+                       seconds=round(time.time() - start, 1))
+            history.append(row)
+            log(f"epoch {epoch}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
+                f"val CIDEr {val_cider:.4f}")
+            if best is None or val_cider > best["val_cider"]:
+                best = row
+                best_state = {n: t.to("cpu", copy=True) for n, t in model.trainable_state_dict().items()}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.copy_(best_state[name])
+    save_trainable(model, checkpoint_path, extra={"epoch": best["epoch"], "val_cider": best["val_cider"]})
     return history, best

@@ -89,10 +89,14 @@ def main(argv=None):
     except (TypeError, ValueError) as e:
         raise SystemExit(f"{args.params}: {e}") from None
 
-    data = load_pairs(args.data, scene_cfg, cfg.n_single)
-    eval_set = p1_eval_set(args.data, scene_cfg.image_size)
+    try:
+        resolution = cfg.model_resolution(scene_cfg.image_size)
+    except ValueError as e:
+        raise SystemExit(f"{args.params}: {e}") from None
+    data = load_pairs(args.data, scene_cfg, cfg.n_single, resolution)
+    eval_set = p1_eval_set(args.data, scene_cfg.image_size, resolution)
     t0 = time.time()
-    model, curve = train_clip(cfg, data, scene_cfg.image_size, eval_set=eval_set)
+    model, curve = train_clip(cfg, data, resolution, eval_set=eval_set)
     train_seconds = time.time() - t0
     save_clip(model, args.out)
 

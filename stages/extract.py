@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from models.atomic import remove_outputs
 from models.clip_io import load_clip
 from models.encoders import EncoderConfig, build_encoder, encoder_id
 from models.features import write_clip_embeddings, write_features
@@ -50,7 +51,10 @@ def main(argv=None):
             raise SystemExit(f"{args.params}: extract.clipscore_splits names {split!r}, "
                              f"which is not in extract.splits ({sorted(p['splits'])})")
 
-    cfg = EncoderConfig.from_dict(p["encoder"])
+    # a run killed half-way must not leave the previous run's files beside its own
+    remove_outputs(*[out_dir / f"{split}.h5" for split in p["splits"]],
+                   *[out_dir / f"clipscore_{split}.h5" for split in score_splits])
+    cfg = EncoderConfig.from_dict(p["encoder"], f"{args.params}: extract.encoder")
     eid = encoder_id(cfg)
     encoder = build_encoder(cfg, device=device)
     print(f"encoder {eid}: {encoder.num_tokens} tokens x {encoder.width}, grid {encoder.grid}, "

@@ -10,6 +10,7 @@ the JSON holds all the others; 1 fatal (missing or empty folder, a decoder or ch
 not fit): nothing written; 2 usage error.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None):
+def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None, workers=None):
     import torch
 
     from models.atomic import write_json
@@ -29,11 +30,14 @@ def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None):
     if out_json.is_dir():
         raise ValueError(f"{out_json}: output path is a folder, expected a JSON file path")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if workers is None:   # decoding JPEGs in parallel pays when a GPU does the rest
+        workers = min(8, os.cpu_count() or 1) if device.startswith("cuda") else 0
     r = load_release(release, decoder_bin, device)
     decode, default_batch = r.decode_settings()
     captions, skipped = caption_folder(img_dir, r.encoder, r.model, r.tokenizer,
                                        DecodeConfig.from_dict(decode, "release/selected.json decode"),
-                                       batch_size or default_batch, device=device)
+                                       batch_size or default_batch, num_workers=workers,
+                                       device=device)
     write_json(out_json, captions)
     print(f"hw3_2: {len(captions)} images captioned -> {out_json}"
           + (f"; {len(skipped)} unreadable files skipped" if skipped else ""), file=sys.stderr)
@@ -49,6 +53,8 @@ def main(argv=None):
                     help="what `dvc repro select` wrote (default: release/ in the repository)")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--device")
+    ap.add_argument("--workers", type=int,
+                    help="image decoding processes (default: up to 8 on a GPU, none on the CPU)")
     args = ap.parse_args(argv)
 
     from models.features import FeatureFileError
@@ -58,7 +64,7 @@ def main(argv=None):
     from models.release import ReleaseError
     try:
         return run(args.img_dir, args.out_json, args.decoder_bin, Path(args.release),
-                   args.batch_size, args.device)
+                   args.batch_size, args.device, args.workers)
     except (ImageFolderError, CheckpointError, EncoderError, FeatureFileError, ReleaseError,
             ValueError, OSError) as e:
         print(f"hw3_2: error: {e}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 Reads params `world`, `train`, `bridge`, `peft` and `variants.<variant>`; writes
 checkpoints/<variant>/model.safetensors (the best val-CIDEr epoch's trainable tensors),
-plots/train/<variant>.json (per-epoch curves) and metrics/train/<variant>.json.
+plots/train/<variant>.json (per-epoch curves) and metrics/train/<variant>.json. It first deletes
+those three, so a run killed half-way leaves none of them (the checkpoint is written at the end).
 """
 import argparse
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from models.atomic import write_json
+from models.atomic import remove_outputs, write_json
 from models.bridges import BridgeConfig
 from models.captioner import Captioner, CaptionerConfig
 from models.features import FeatureFile
@@ -42,6 +43,14 @@ def main(argv=None):
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     params = load_params(args.params)
+    checkpoint = Path("checkpoints") / args.variant / "model.safetensors"
+    history_file = Path("plots") / "train" / f"{args.variant}.json"
+    metrics_file = Path("metrics") / "train" / f"{args.variant}.json"
+    try:
+        train_config = TrainConfig(**params["train"])
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"{args.params}: {e}") from None
+    remove_outputs(checkpoint, history_file, metrics_file)
     world = World.from_params(params)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -52,20 +61,18 @@ def main(argv=None):
     val_file.require_encoder(train_file.encoder_id)
     decoder = world.load_decoder()
     config = variant_config(params, args.variant, decoder.config, train_file, tokenizer)
-    torch.manual_seed(params["train"].get("seed", 0))  # the new modules' initial weights
+    torch.manual_seed(train_config.seed)  # the new modules' initial weights
     model = Captioner(config, decoder)
     counts = model.parameter_counts()
     trainable = sum(t for t, _ in counts.values())
     print(f"{args.variant}: {trainable:,} trainable parameters")
 
-    train_config = TrainConfig(**params["train"])
     train_pairs = CaptionPairs(train_tokens, world.references("train"), tokenizer)
     val_pairs = CaptionPairs(val_tokens, world.references("val"), tokenizer)
     start = time.time()
-    history, best = train(model, train_pairs, val_pairs, tokenizer, train_config,
-                          Path("checkpoints") / args.variant / "model.safetensors", device)
-    write_json(Path("plots") / "train" / f"{args.variant}.json", history)
-    write_json(Path("metrics") / "train" / f"{args.variant}.json", {
+    history, best = train(model, train_pairs, val_pairs, tokenizer, train_config, checkpoint, device)
+    write_json(history_file, history)
+    write_json(metrics_file, {
         "best_epoch": best["epoch"], "best_val_cider": best["val_cider"],
         "trainable_params": trainable, "train_seconds": round(time.time() - start, 1),
         "device": device.type})

@@ -193,6 +193,18 @@ def test_positional_similarity_of_clip_drops_the_class_position(clip_path, tmp_p
         assert peak(sim[i].reshape(4, 4)) == (i // 4, i % 4)
 
 
+def test_positional_embeddings_of_a_clip_resnet(tmp_path):
+    """A ResNet CLIP's positions are its attention pool's, the pooled (mean) position dropped."""
+    model = CLIP(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,
+                 vision_patch_size=None, context_length=16, vocab_size=100, transformer_width=64,
+                 transformer_heads=1, transformer_layers=1)
+    torch.save(model.state_dict(), tmp_path / "rn.pt")
+    encoder = build_encoder(EncoderConfig(kind="clip", name=str(tmp_path / "rn.pt")))
+    patches = patch_positional_embeddings(encoder)
+    assert encoder.grid == (2, 2)
+    assert torch.equal(patches, model.visual.attnpool.positional_embedding.detach()[1:])
+
+
 def test_positional_embeddings_of_a_timm_vit():
     import timm
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,

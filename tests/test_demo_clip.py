@@ -114,6 +114,29 @@ def test_training_is_deterministic(world, trained):
         assert torch.equal(again.state_dict()[k], v), k
 
 
+def test_resnet_tower_trains_and_reloads_at_its_input_resolution(world, tmp_path):
+    """clip's ModifiedResNet tower, fed 32 px images resized to its 64 px input exactly as
+    clip's preprocess resizes them; the saved file reloads through load_clip unchanged."""
+    root, scene_cfg, _ = world
+    cfg = DemoClipConfig(**{**TINY, "vision_layers": [1, 1, 1, 1], "vision_width": 8,
+                            "input_resolution": 64, "steps": 2})
+    res = cfg.model_resolution(scene_cfg.image_size)
+    data = clip_train.load_pairs(root / "hw3_data", scene_cfg, 8, res, progress=False)
+    assert res == 64 and data.pixels.shape[1:] == (64, 64, 3)
+    model, curve = clip_train.train_clip(cfg, data, res, progress=False)
+    assert len(curve) == 2 and all(np.isfinite(r["loss"]) for r in curve)
+    exact, preprocess = load_clip(clip_train.save_clip(model, tmp_path / "rn.pt"))
+    assert exact.visual.input_resolution == 64
+    pixels, _, _ = clip_train.p1_eval_set(root / "hw3_data", scene_cfg.image_size, res)
+    from PIL import Image
+    with Image.open(sorted((root / "hw3_data/p1_data/val").glob("*.png"))[0]) as im:
+        via_preprocess = preprocess(im.convert("RGB"))
+    torch.testing.assert_close(clip_train.normalise(pixels[:1])[0], via_preprocess, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        x = clip_train.normalise(pixels[:4])
+        assert torch.equal(exact.encode_image(x), model.encode_image(x))
+
+
 def test_short_text_context_is_exact(trained):
     model, _, _ = trained
     tokens = clip.tokenize(["a photo of a red circle", "a big blue star to the left of a cross"])
@@ -177,10 +200,20 @@ def test_lr_schedule():
     (dict(single_frac=1.5), "single_frac"),
     (dict(lr=0), "lr"),
     (dict(pos_init="learned"), "pos_init"),
+    (dict(vision_layers=[1, 1, 1]), "vision_layers"),
+    (dict(vision_layers=[1, 1, 1, 1], vision_width=7), "vision_width"),
+    (dict(input_resolution=-1), "input_resolution"),
 ])
 def test_bad_config_names_the_parameter(kw, name):
     with pytest.raises(ValueError, match=rf"DemoClipConfig\.{name}="):
         DemoClipConfig(**kw)
+
+
+def test_input_resolution_must_fit_the_tower():
+    with pytest.raises(ValueError, match=r"DemoClipConfig\.input_resolution=48.*multiple of 32"):
+        DemoClipConfig(vision_layers=[1, 1, 1, 1], vision_width=8, input_resolution=48).model_resolution(32)
+    with pytest.raises(ValueError, match=r"DemoClipConfig\.vision_patch_size=8 does not divide"):
+        DemoClipConfig(vision_patch_size=8, input_resolution=36).model_resolution(32)
 
 
 def test_stage_end_to_end(world, tmp_path):

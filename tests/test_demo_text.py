@@ -89,9 +89,9 @@ def test_bad_inputs_name_the_problem(tmp_path):
         read_captions(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="vocab_size=100"):
         train_vocab(["a b c"], 100)
-    with pytest.raises(ValueError, match="unknown demo_gpt2 parameter"):
+    with pytest.raises(ValueError, match="demo_gpt2: unknown parameter"):
         LMConfig.from_dict({"n_layers": 2})
-    with pytest.raises(ValueError, match="unknown demo_vocab parameter"):
+    with pytest.raises(ValueError, match="demo_vocab: unknown parameter"):
         VocabConfig.from_dict({"size": 2})
 
 

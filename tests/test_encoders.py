@@ -112,6 +112,54 @@ def test_clip_tokens_match_the_package(clip_file):
         enc(torch.randn(1, 3, 64, 64))
 
 
+def test_precision_runs_under_autocast_and_is_part_of_the_id(clip_file):
+    model, path = clip_file
+    full = build_encoder(EncoderConfig(kind="clip", name=str(path)))
+    half = build_encoder(EncoderConfig(kind="clip", name=str(path), precision="bf16"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = full(x), half(x)
+    assert b.dtype == torch.float32 and b.shape == a.shape
+    assert not torch.equal(a, b)                       # bf16 products: other numbers...
+    torch.testing.assert_close(b, a, atol=0.1, rtol=0.05)   # ...close to the fp32 ones
+    ids = {encoder_id(EncoderConfig(kind="clip", name=str(path), precision=p)) for p in ("fp32", "fp16", "bf16")}
+    assert len(ids) == 3 and "precision" not in encoder_id(EncoderConfig(kind="clip", name=str(path)))
+    with pytest.raises(EncoderError, match="precision must be one of"):
+        EncoderConfig(kind="clip", name="ViT-B/32", precision="fp8")
+
+
+def test_clip_resnet_tokens(tmp_path):
+    """A ModifiedResNet CLIP: token 0 is encode_image; token 1 + r * g + c is position (r, c) of the
+    attention pool's input through its value and output projections."""
+    torch.manual_seed(2)
+    model = CLIP(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,
+                 vision_patch_size=None, context_length=16, vocab_size=100, transformer_width=64,
+                 transformer_heads=1, transformer_layers=1)
+    for m in model.visual.modules():   # non-trivial BatchNorm statistics, as a trained tower has
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    torch.save(model.state_dict(), tmp_path / "rn.pt")
+    enc = build_encoder(EncoderConfig(kind="clip", name=str(tmp_path / "rn.pt")))
+    assert enc.grid == (2, 2) and enc.num_tokens == 5 and enc.width == 32
+    assert enc.num_prefix_tokens == 1 and not enc.training
+    grid_in = {}
+    model.visual.attnpool.register_forward_pre_hook(lambda m, args: grid_in.update(x=args[0]))
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        tokens = enc(x)
+        ref = model.encode_image(x)
+        pool = model.visual.attnpool
+        r, c = 1, 0
+        position = grid_in["x"][:, :, r, c] + pool.positional_embedding[1 + r * 2 + c]
+        expected = pool.c_proj(pool.v_proj(position))
+    assert tokens.shape == (3, 5, 32)
+    torch.testing.assert_close(tokens[:, 0], ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tokens[:, 1 + r * 2 + c], expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(tokens[:, 1], tokens[:, 2])
+
+
 def test_clip_tower_equals_timm_quickgelu_clip_vit(clip_file):
     """The same CLIP weights through timm's CLIP ViT (its filter converts openai's keys) give the
     same tokens: both kinds return all tokens after the final norm, width-D."""
@@ -146,7 +194,7 @@ def test_encoder_id_is_content_based(tiny_timm, clip_file, tmp_path):
 def test_config_errors():
     with pytest.raises(EncoderError, match="kind"):
         EncoderConfig(kind="resnet", name="x")
-    with pytest.raises(EncoderError, match="unknown keys"):
+    with pytest.raises(EncoderError, match="unknown parameter.*weight"):
         EncoderConfig.from_dict({"kind": "timm", "name": "x", "weight": "typo.pth"})
     with pytest.raises(EncoderError, match="timm options"):
         EncoderConfig(kind="clip", name="ViT-B/32", weights="w.pth")

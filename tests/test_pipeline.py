@@ -2,65 +2,22 @@
 select -> hw3_2.sh, each stage script run as DVC runs it, in a scratch folder."""
 import json
 import os
+import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-import clip.model
 import pytest
 import torch
-import yaml
 
-from demo.scenes import SceneConfig, write_hw3_data
-from demo.vocab import read_captions, train_vocab, write_vocab
 from models.gpt2 import GPT2, GPT2Config, course_state_dict
-from models.tokenizer import Tokenizer
+from tests.tiny_world import build_tiny_world
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_clip(path):
-    torch.manual_seed(0)
-    model = clip.model.CLIP(embed_dim=64, image_resolution=32, vision_layers=1, vision_width=64,
-                            vision_patch_size=8, context_length=77, vocab_size=49408,
-                            transformer_width=64, transformer_heads=1, transformer_layers=1)
-    torch.save(model.state_dict(), path)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A scratch repository folder holding a tiny hw3_data, vocabulary, GPT-2 and CLIP."""
-    root = tmp_path_factory.mktemp("pipeline")
-    data = root / "hw3_data"
-    write_hw3_data(data, SceneConfig(image_size=32, n_train=24, n_val=8, n_classes=4,
-                                     n_p1_per_class=1), progress=False)
-    p2 = data / "p2_data"
-    encoder, merges = train_vocab(read_captions(p2 / "train.json"), 300)
-    write_vocab(encoder, merges, p2)
-    tok = Tokenizer.from_files(p2 / "encoder.json", p2 / "vocab.bpe")
-    torch.manual_seed(0)
-    gpt2 = GPT2(GPT2Config(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32))
-    torch.save(course_state_dict(gpt2), p2 / "decoder_model.bin")
-    tiny_clip(root / "clip.pt")
-    params = {
-        "world": {"data_root": str(data), "decoder": str(p2 / "decoder_model.bin"),
-                  "decoder_heads": 2, "encoder_json": str(p2 / "encoder.json"),
-                  "vocab_bpe": str(p2 / "vocab.bpe"), "clip": str(root / "clip.pt")},
-        "extract": {"encoder": {"kind": "clip", "name": str(root / "clip.pt")},
-                    "splits": {"train": "p2_data/images/train", "val": "p2_data/images/val",
-                               "p3": "p3_data/images"},
-                    "clipscore_splits": ["val"], "batch_size": 8, "device": "cpu"},
-        "train": {"epochs": 2, "batch_size": 16, "lr": 0.003, "warmup_steps": 2,
-                  "val_images": 4, "val_batch_size": 4},
-        "bridge": {"layers": [], "prefix_hidden": 0},
-        "peft": {"rank": 2, "adapter_size": 4, "prefix_length": 2},
-        "variants": {"lora": {"bridge": "gated_cross", "peft": "lora"},
-                     "llava": {"bridge": "prefix", "peft": "lora"}},
-        "decode": {"method": "beam", "beam_size": 2, "max_new_tokens": 8, "batch_size": 4},
-        "score": {"metrics": ["cider", "clipscore", "bleu4", "rougeL"]},
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return root
+    return build_tiny_world(tmp_path_factory.mktemp("pipeline"))
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +54,14 @@ def test_stages_write_their_outputs(ran):
         {"captioner.safetensors", "encoder.json", "vocab.bpe", "selected.json"}
 
 
+def hw3_2(ran, tmp_path, decoder, release):
+    out = tmp_path / "pred.json"
+    result = subprocess.run(
+        ["bash", str(REPO / "hw3_2.sh"), str(ran / "hw3_data/p3_data/images"), str(out),
+         str(decoder), "--release", str(release)], capture_output=True, text=True)
+    return result, out
+
+
 def test_hw3_2_captions_every_image(ran, tmp_path):
     img_dir = ran / "hw3_data/p2_data/images/val"
     out = tmp_path / "new folder" / "pred.json"
@@ -115,11 +80,7 @@ def test_hw3_2_refuses_a_decoder_of_another_width(ran, tmp_path):
     torch.manual_seed(1)
     wrong = GPT2(GPT2Config(vocab_size=300, block_size=64, n_layer=2, n_head=2, n_embd=48))
     torch.save(course_state_dict(wrong), tmp_path / "wrong.bin")
-    out = tmp_path / "pred.json"
-    result = subprocess.run(
-        ["bash", str(REPO / "hw3_2.sh"), str(ran / "hw3_data/p3_data/images"), str(out),
-         str(tmp_path / "wrong.bin"), "--release", str(ran / "release")],
-        capture_output=True, text=True)
+    result, out = hw3_2(ran, tmp_path, tmp_path / "wrong.bin", ran / "release")
     assert result.returncode == 1
     assert "wrong.bin" in result.stderr and not out.exists()
 
@@ -148,3 +109,26 @@ def test_hw3_2_missing_folder_writes_nothing(ran, tmp_path):
          str(ran / "hw3_data/p2_data/decoder_model.bin"), "--release", str(ran / "release")],
         capture_output=True, text=True)
     assert result.returncode == 1 and "no such folder" in result.stderr and not out.exists()
+
+
+def test_hw3_2_refuses_a_truncated_decoder(ran, tmp_path):
+    good = (ran / "hw3_data/p2_data/decoder_model.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(good[: len(good) // 2])
+    result, out = hw3_2(ran, tmp_path, tmp_path / "cut.bin", ran / "release")
+    assert result.returncode == 1 and "cut.bin" in result.stderr and not out.exists()
+
+
+def test_hw3_2_refuses_a_release_whose_encoder_is_not_the_checkpoints(ran, tmp_path):
+    """selected.json names an encoder other than the one the checkpoint was trained on."""
+    release = tmp_path / "release"
+    shutil.copytree(ran / "release", release)
+    other = tmp_path / "other_clip.pt"
+    clip_state = torch.load(ran / "clip.pt", weights_only=True)
+    clip_state["visual.proj"] = clip_state["visual.proj"] + 1.0
+    torch.save(clip_state, other)
+    selected = json.loads((release / "selected.json").read_text())
+    selected["encoder"]["name"] = str(other)
+    (release / "selected.json").write_text(json.dumps(selected))
+    result, out = hw3_2(ran, tmp_path, ran / "hw3_data/p2_data/decoder_model.bin", release)
+    assert result.returncode == 1 and not out.exists()
+    assert "other_clip.pt" in result.stderr and "not the one the checkpoint was trained on" in result.stderr

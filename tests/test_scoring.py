@@ -219,6 +219,9 @@ def test_bad_references_name_the_file(tmp_path):
     write_references(p, {"x": ["a cat"], "y": []})
     with pytest.raises(ValueError, match=f"{p}.*1 image.*no caption.*'y'"):
         scoring.load_references(p)
+    write_references(p, {"x": ["a cat"], "y": ["a dog", "  "]})
+    with pytest.raises(ValueError, match=rf"{p}.*annotations\[2\].*'y'.*empty caption"):
+        scoring.load_references(p)
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
         scoring.load_references(tmp_path / "nowhere.json")
 

@@ -1,0 +1,136 @@
+"""Interrupted stages and reruns, on a tiny world, each stage run as DVC runs it (a subprocess in
+the world's folder): a killed `extract` or `train` leaves nothing a later stage could trust, and
+running it again gives byte-identical outputs; two runs from scratch give identical metrics."""
+import filecmp
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.tiny_world import build_tiny_world
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+BULK_COPIES = 12  # the `bulk` split: 12 x the train images, so extraction takes long enough to kill
+
+
+def stage(world, *args):
+    """Run `python -m stages.<args>` in `world` to completion."""
+    result = subprocess.run([sys.executable, "-m", *args], cwd=world, env=ENV,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def start(world, *args):
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=world, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def kill(proc):
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def snapshot(folder, pattern="*"):
+    """Copy of the files matching `pattern` in `folder`, to compare a later run against."""
+    copy = folder.parent / f"{folder.name}.reference"
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir()
+    for f in folder.glob(pattern):
+        shutil.copy2(f, copy / f.name)
+    return copy
+
+
+def assert_same_files(reference, folder):
+    names = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == names
+    _, mismatch, errors = filecmp.cmpfiles(reference, folder, names, shallow=False)
+    assert not mismatch and not errors, mismatch + errors
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = build_tiny_world(tmp_path_factory.mktemp("reliability"))
+    train_dir = root / "hw3_data/p2_data/images/train"
+    bulk = root / "hw3_data/bulk"
+    bulk.mkdir()
+    for image in train_dir.iterdir():
+        for k in range(BULK_COPIES):
+            shutil.copyfile(image, bulk / f"{image.stem}_{k}{image.suffix}")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["extract"]["splits"]["bulk"] = "bulk"
+    params["train"].update(epochs=4, batch_size=4)   # epochs 2-4 give time to kill after epoch 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def test_killed_extraction_leaves_no_output_and_rerun_is_identical(world):
+    features = world / "features"
+    stage(world, "stages.extract")
+    reference = snapshot(features)
+
+    proc = start(world, "stages.extract")
+    deadline = time.time() + 120
+    while not list(features.glob(".tmp-bulk.h5-*")):   # bulk comes after train, val and p3
+        assert proc.poll() is None, "extract finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.002)
+    kill(proc)
+    # the previous run's files were removed first, the interrupted one never became bulk.h5
+    assert not (features / "bulk.h5").exists() and not (features / "clipscore_val.h5").exists()
+    assert list(features.glob(".tmp-bulk.h5-*"))    # only an unmistakable leftover remains
+
+    stage(world, "stages.extract")
+    assert_same_files(reference, features)           # leftover removed, every file byte-identical
+
+
+def test_killed_training_leaves_no_checkpoint_and_rerun_is_identical(world):
+    if not (world / "features/train.h5").exists():
+        stage(world, "stages.extract")
+    outputs = [world / "checkpoints/lora/model.safetensors", world / "plots/train/lora.json",
+               world / "metrics/train/lora.json"]
+    stage(world, "stages.train", "--variant", "lora")
+    reference = snapshot(world / "checkpoints/lora")
+    history = json.loads(outputs[1].read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+
+    proc = start(world, "stages.train", "--variant", "lora")
+    for line in proc.stdout:
+        if line.startswith("epoch 1:"):
+            break
+    assert proc.poll() is None, "training finished before it could be killed"
+    kill(proc)
+    assert not any(p.exists() for p in outputs)     # not even the best epoch so far
+
+    stage(world, "stages.train", "--variant", "lora")
+    assert_same_files(reference, world / "checkpoints/lora")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(json.loads(outputs[1].read_text())) == strip(history)
+
+
+def test_two_runs_from_scratch_give_identical_metrics(tmp_path):
+    """Everything built twice, in two folders: the world, its features, training, decoding and
+    scores. The metric files and the captions must be byte-identical."""
+    runs = [build_tiny_world(tmp_path / name) for name in ("first", "second")]
+    for run in runs:
+        stage(run, "stages.extract")
+        stage(run, "stages.train", "--variant", "lora")
+        stage(run, "stages.decode", "--variant", "lora")
+        stage(run, "stages.score", "--variant", "lora")
+    first, second = runs
+    metrics = json.loads((first / "metrics/lora.json").read_text())
+    assert metrics["cider"] >= 0 and "cider_blind" in metrics
+    for rel in ("metrics/lora.json", "metrics/train/lora.json", "predictions/lora/val.json",
+                "predictions/lora/p3.json", "predictions/lora/val_blind.json"):
+        a, b = (first / rel).read_text(), (second / rel).read_text()
+        if rel == "metrics/train/lora.json":   # its wall-clock seconds differ, nothing else may
+            a, b = ({k: v for k, v in json.loads(t).items() if k != "train_seconds"} for t in (a, b))
+        assert a == b, rel

@@ -1,0 +1,82 @@
+"""models.training on a tiny captioner: bf16-stored frozen weights give exactly the autocast
+products, a bf16 run (the GPU's path, here on the CPU) trains and checkpoints, the best epoch is
+what the checkpoint holds, and bad settings are refused by name."""
+import pytest
+import torch
+
+from models.checkpoint import load_trainable
+from models.training import (CaptionPairs, TrainConfig, evaluate, frozen_linear_weights_in,
+                             on_device_if_fits, train)
+from tests.test_captioner import DECODER, EOT, batch, build, course_sd, perturb  # noqa: F401
+
+WORDS = ["a", "red", "blue", "circle", "square", "star", "on", "the", "left", "right"]
+
+
+class WordTokenizer:
+    """Word ids 0..9, end token EOT: enough for CaptionPairs, caption_batch and decoding."""
+    eot_id = EOT
+
+    def encode_batch(self, captions):
+        return [[WORDS.index(w) for w in c.split()] for c in captions]
+
+    def decode(self, ids):
+        return " ".join(WORDS[i] for i in ids if i < len(WORDS))
+
+
+def pairs(n_images, seed):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(n_images, 5, 24, generator=g)
+    names = [f"img{i}" for i in range(n_images)]
+    refs = {n: [f"a {WORDS[1 + i % 2]} {WORDS[3 + i % 3]}", f"the {WORDS[3 + i % 3]}"]
+            for i, n in enumerate(names)}
+    return CaptionPairs((names, tokens), refs, WordTokenizer())
+
+
+def test_bf16_stored_frozen_weights_give_the_autocast_loss(course_sd):
+    model = perturb(build(course_sd, "gated_cross", "lora"))
+    visual, ids, targets = batch()
+    before = {n: p for n, p in model.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model.loss(visual, ids, targets)
+        with frozen_linear_weights_in(model, torch.bfloat16):
+            dtypes = {n: p.dtype for n, p in model.named_parameters()}
+            stored = model.loss(visual, ids, targets)
+    assert torch.equal(stored, reference)
+    assert dtypes["decoder.h.0.mlp.c_fc.weight"] == torch.bfloat16
+    assert dtypes["decoder.wte.weight"] == torch.float32            # the tied lm_head's table
+    assert all(dtypes[n] == torch.float32 for n, p in before.items() if p.requires_grad)
+    after = dict(model.named_parameters())   # the fp32 originals are back, the same objects
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+
+
+def test_bf16_training_runs_and_keeps_the_best_epoch(course_sd, tmp_path):
+    """precision bf16 is what `auto` picks on a GPU; the CPU runs the same code path."""
+    model = build(course_sd, "gated_cross", "lora")
+    config = TrainConfig(epochs=3, batch_size=4, lr=0.01, warmup_steps=2, val_images=4,
+                         val_batch_size=4, precision="bf16")
+    history, best = train(model, pairs(8, 0), pairs(4, 1), WordTokenizer(), config,
+                          tmp_path / "ckpt.safetensors", torch.device("cpu"), log=lambda *_: None)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert best["val_cider"] == max(r["val_cider"] for r in history)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    reloaded = build(course_sd, "gated_cross", "lora", seed=5)
+    extra = load_trainable(reloaded, tmp_path / "ckpt.safetensors")
+    assert extra["epoch"] == best["epoch"]
+    for (name, a), b in zip(model.trainable_state_dict().items(), reloaded.trainable_state_dict().values()):
+        assert torch.equal(a, b), name   # the model is left holding the best epoch's tensors
+    val = pairs(4, 1)
+    loss, _, _ = evaluate(reloaded, val, WordTokenizer(), config, torch.device("cpu"), sorted(val.references))
+    assert loss == pytest.approx(best["val_loss"], rel=1e-6)
+
+
+def test_features_stay_on_the_host_without_a_gpu():
+    tokens = torch.zeros(3, 2, 4)
+    assert on_device_if_fits(tokens, torch.device("cpu")) is tokens
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("max_caption_tokens", 1),
+                                          ("precision", "fp16")])
+def test_bad_settings_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=rf"train\.{field}="):
+        TrainConfig(**{field: value})
