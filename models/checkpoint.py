@@ -2,6 +2,9 @@
 
 The file holds exactly the tensors that train plus, in its metadata, the CaptionerConfig needed
 to rebuild the model around the frozen decoder (bridge, PEFT method, encoder and tokenizer ids).
+The metadata is ONE key holding one JSON object: safetensors writes its metadata map in hash
+order, so two keys would make the same checkpoint's bytes differ from run to run (and DVC would
+see a new file). Files with the earlier two keys ("config", "extra") are still read.
 """
 import json
 
@@ -17,7 +20,8 @@ from models.gpt2 import CheckpointError, load_course_checkpoint
 def save_trainable(model, path, extra=None):
     """Write the trainable tensors of `model` and its config (plus `extra` JSON metadata)."""
     tensors = {n: t.detach().cpu().contiguous() for n, t in model.trainable_state_dict().items()}
-    metadata = {"config": json.dumps(model.config.to_dict()), "extra": json.dumps(extra or {})}
+    metadata = {"captioner": json.dumps({"config": model.config.to_dict(), "extra": extra or {}},
+                                        sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -32,11 +36,15 @@ def read_checkpoint(path):
         raise CheckpointError(f"{path}: no such file") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from None
-    if "config" not in metadata:
-        raise CheckpointError(f"{path}: no model config in its metadata: not a captioner checkpoint")
     try:
-        config = CaptionerConfig.from_dict(json.loads(metadata["config"]))
-        extra = json.loads(metadata.get("extra", "{}"))
+        if "captioner" in metadata:
+            info = json.loads(metadata["captioner"])
+        elif "config" in metadata:   # written before the metadata became one key
+            info = {"config": json.loads(metadata["config"]), "extra": json.loads(metadata.get("extra", "{}"))}
+        else:
+            raise CheckpointError(f"{path}: no model config in its metadata: not a captioner checkpoint")
+        config = CaptionerConfig.from_dict(info["config"])
+        extra = info.get("extra", {})
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: its config cannot be read ({e})") from None
     return config, tensors, extra

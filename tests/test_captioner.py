@@ -355,6 +355,24 @@ def test_checkpoint_of_another_visual_width_is_refused(course_sd, lora_checkpoin
         load_trainable(Captioner(cfg, fresh_decoder(course_sd)), path)
 
 
+def test_checkpoint_bytes_do_not_change_between_saves(course_sd, tmp_path):
+    """One metadata key: safetensors writes a metadata map in hash order, so with two keys the
+    same checkpoint came out in two byte layouts (DVC then sees a changed output)."""
+    model = perturb(build(course_sd, "gated_cross", "lora"))
+    files = [tmp_path / f"ckpt{i}.safetensors" for i in range(8)]
+    for f in files:
+        save_trainable(model, f, extra={"epoch": 3, "val_cider": 0.5})
+    assert len({f.read_bytes() for f in files}) == 1
+
+
+def test_checkpoint_with_the_earlier_two_metadata_keys_still_loads(course_sd, lora_checkpoint, tmp_path):
+    model, path = lora_checkpoint
+    config, tensors, extra = read_checkpoint(path)
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"config": json.dumps(config.to_dict()), "extra": json.dumps(extra)})
+    assert read_checkpoint(old)[0] == config and read_checkpoint(old)[2] == extra
+
+
 def rewrite(path, edit):
     """Re-save a checkpoint with its metadata but edited tensors."""
     from safetensors import safe_open
