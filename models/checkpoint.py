@@ -36,13 +36,13 @@ def read_checkpoint(path):
         raise CheckpointError(f"{path}: no such file") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    if "captioner" not in metadata and "config" not in metadata:
+        raise CheckpointError(f"{path}: no model config in its metadata: not a captioner checkpoint")
     try:
         if "captioner" in metadata:
             info = json.loads(metadata["captioner"])
-        elif "config" in metadata:   # written before the metadata became one key
+        else:   # written before the metadata became one key
             info = {"config": json.loads(metadata["config"]), "extra": json.loads(metadata.get("extra", "{}"))}
-        else:
-            raise CheckpointError(f"{path}: no model config in its metadata: not a captioner checkpoint")
         config = CaptionerConfig.from_dict(info["config"])
         extra = info.get("extra", {})
     except (TypeError, ValueError, KeyError) as e:
