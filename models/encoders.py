@@ -45,13 +45,11 @@ import torch
 from torch import nn
 
 from models.config import from_section
+from models.precision import DTYPES, autocast
 
 
 class EncoderError(Exception):
     """An encoder that cannot be built; str() names the model/file and the problem."""
-
-
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -67,8 +65,8 @@ class EncoderConfig:
         self.model_kwargs = dict(self.model_kwargs or {})
         if self.kind not in ("timm", "clip"):
             raise EncoderError(f"encoder config: kind must be 'timm' or 'clip', got {self.kind!r}")
-        if self.precision not in PRECISIONS:
-            raise EncoderError(f"encoder config: precision must be one of {sorted(PRECISIONS)}, "
+        if self.precision not in DTYPES:
+            raise EncoderError(f"encoder config: precision must be one of {sorted(DTYPES)}, "
                                f"got {self.precision!r}")
         if self.kind == "clip" and (self.weights or self.image_size or self.model_kwargs):
             raise EncoderError("encoder config: weights/image_size/model_kwargs are timm options; "
@@ -134,8 +132,7 @@ class ImageEncoder(nn.Module):
     def forward(self, images):
         """[B, 3, H, W] preprocessed images -> fp32 tokens [B, T, D]."""
         images = self._check_input(images)
-        dtype = self.autocast_dtype
-        with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(images.device.type, self.autocast_dtype):
             tokens = self.tokens(images)
         return self._check(tokens.float())
 
@@ -240,7 +237,7 @@ class TimmEncoder(ImageEncoder):
         data_cfg = resolve_data_config({"input_size": (3, *self.image_size)}, model=model)
         self.data_config = data_cfg
         self.preprocess = create_transform(**data_cfg, is_training=False)
-        self.autocast_dtype = PRECISIONS[cfg.precision]
+        self.autocast_dtype = DTYPES[cfg.precision]
         self._freeze()
 
     def tokens(self, images):
@@ -271,7 +268,7 @@ class ClipVisualEncoder(ImageEncoder):
                                "neither a ViT nor a ModifiedResNet")
         self.num_tokens = 1 + self.grid[0] * self.grid[1]
         self.preprocess = preprocess
-        self.autocast_dtype = PRECISIONS[cfg.precision]
+        self.autocast_dtype = DTYPES[cfg.precision]
         self._freeze()
 
     def tokens(self, images):

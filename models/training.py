@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from models.checkpoint import save_trainable
 from models.decoding import DecodeConfig, caption_features
+from models.precision import DTYPES, autocast
 from models.scoring import cider, tokenize_pair
 from models.tokenizer import caption_batch
 
@@ -43,7 +44,7 @@ class TrainConfig:
         """The autocast dtype on `device`, or None for plain fp32."""
         if self.precision == "auto":
             return torch.bfloat16 if torch.device(device).type == "cuda" else None
-        return torch.bfloat16 if self.precision == "bf16" else None
+        return DTYPES[self.precision]
 
 
 class CaptionPairs:
@@ -87,11 +88,6 @@ def gather_rows(tokens, rows):
     return tokens[rows]
 
 
-def autocast(config, device):
-    dtype = config.autocast_dtype(device)
-    return torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
 @contextlib.contextmanager
 def frozen_linear_weights_in(model, dtype):
     """Inside: the frozen nn.Linear weights and biases are stored in `dtype` (None: unchanged).
@@ -132,7 +128,7 @@ def batch_loss(model, pairs, tokens, tokenizer, config, device):
     visual = gather_rows(tokens, image_rows).to(device, non_blocking=True)
     input_ids, targets, _ = caption_batch([t for _, t in pairs], tokenizer.eot_id,
                                           config.max_caption_tokens)
-    with autocast(config, device):
+    with autocast(device.type, config.autocast_dtype(device)):
         return model.loss(visual.float(), input_ids.to(device), targets.to(device))
 
 
@@ -178,7 +174,7 @@ def evaluate(model, val, tokenizer, config, device, subset):
         weights.append(len(batch))
     row_of = {n: i for i, n in enumerate(val.names)}
     rows = ((n, val.tokens[row_of[n]].float()) for n in subset)
-    with autocast(config, device):
+    with autocast(device.type, config.autocast_dtype(device)):
         predictions = caption_features(model, tokenizer, rows, DecodeConfig(method="greedy"),
                                        batch_size=config.val_batch_size, device=device,
                                        total=len(subset))

@@ -14,6 +14,7 @@ import torch
 from models.atomic import remove_outputs, write_json
 from models.bridges import BridgeConfig
 from models.captioner import Captioner, CaptionerConfig
+from models.config import from_section
 from models.features import FeatureFile
 from models.peft import PeftConfig
 from models.training import CaptionPairs, TrainConfig, train
@@ -47,7 +48,7 @@ def main(argv=None):
     history_file = Path("plots") / "train" / f"{args.variant}.json"
     metrics_file = Path("metrics") / "train" / f"{args.variant}.json"
     try:
-        train_config = TrainConfig(**params["train"])
+        train_config = from_section(TrainConfig, params["train"], "train")
     except (TypeError, ValueError) as e:
         raise SystemExit(f"{args.params}: {e}") from None
     remove_outputs(checkpoint, history_file, metrics_file)
