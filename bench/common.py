@@ -24,10 +24,11 @@ from models.tokenizer import EOT, Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DEMO_DECODER = Path("data/demo/hw3_data/p2_data/decoder_model.bin")
+DEMO_DECODER = Path("data/demo/text/decoder_model.bin")   # params.yaml: world.decoder
 DEMO_CLIP = Path("data/demo/clip_demo.pt")
 REAL_ENCODER = "vit_large_patch14_clip_quickgelu_224"   # ViT-L/14, 257 tokens x 1024
-# The demo CLIP's visual tower (DESIGN.md): 64 px, patch 8, width 128, 4 layers -> 65 x 128 tokens.
+# A random stand-in for the demo CLIP's tower before `dvc repro` has made it: 64 px, patch 8,
+# width 128, 4 layers -> 65 x 128 tokens.
 DEMO_TIMM = dict(name="vit_base_patch16_clip_quickgelu_224", image_size=64,
                  model_kwargs=dict(patch_size=8, embed_dim=128, depth=4, num_heads=4))
 DEMO_GPT2 = GPT2Config(vocab_size=512, block_size=128, n_layer=4, n_head=4, n_embd=128)

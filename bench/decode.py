@@ -11,49 +11,23 @@ that both do exactly the same amount of work (and the same tokens come out: chec
 import argparse
 import os
 import time
-from pathlib import Path
 
 import torch
 
-from models.bridges import BridgeConfig
-from models.captioner import Captioner, CaptionerConfig
+from bench.common import build_variant, demo_decoder, real_decoder
 from models.decoding import DecodeConfig, generate
-from models.gpt2 import GPT2, GPT2Config, load_course_checkpoint
-from models.peft import PeftConfig
-
-DEMO_DECODER = Path("data/demo/hw3_data/p2_data/decoder_model.bin")
-
-
-def build_captioner(decoder, visual_width, visual_tokens, seed=0):
-    """Gated cross-attention bridge + LoRA on `decoder`, with gates and LoRA B moved off zero."""
-    config = CaptionerConfig(decoder=decoder.config, visual_width=visual_width,
-                             visual_tokens=visual_tokens, bridge=BridgeConfig(kind="gated_cross"),
-                             peft=PeftConfig(method="lora", rank=8))
-    model = Captioner(config, decoder)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and ("gate" in name or "lora_B" in name):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def demo_model(args):
-    if DEMO_DECODER.is_file():
-        decoder = load_course_checkpoint(DEMO_DECODER, n_head=args.demo_n_head)
-        source = str(DEMO_DECODER)
-    else:
-        torch.manual_seed(0)
-        decoder = GPT2(GPT2Config(vocab_size=512, block_size=128, n_layer=4, n_head=4, n_embd=128))
-        source = "tiny random 4x128 (no demo decoder found)"
-    return build_captioner(decoder, args.demo_visual_width, args.demo_visual_tokens), source
+    decoder, source = demo_decoder()
+    return build_variant(decoder, "gated_cross:lora", args.demo_visual_width, args.demo_visual_tokens,
+                         perturb=True).eval(), source
 
 
 def real_model():
-    torch.manual_seed(0)
-    decoder = GPT2(GPT2Config())  # GPT-2 small: 12 layers x 768, vocab 50257
-    return build_captioner(decoder, visual_width=1024, visual_tokens=257), \
-        "GPT-2 small 12x768 random, 257x1024 visual"
+    decoder, source = real_decoder()
+    return build_variant(decoder, "gated_cross:lora", 1024, 257, perturb=True).eval(), \
+        f"{source}, 257x1024 visual"
 
 
 def timed(fn):
@@ -96,8 +70,7 @@ def main(argv=None):
     p.add_argument("--demo-cached", type=int, default=64, help="images (one batch), demo model")
     p.add_argument("--real-naive", type=int, default=1, help="images, naive decoder, real size")
     p.add_argument("--real-cached", type=int, default=8, help="images (one batch), real size")
-    p.add_argument("--demo-n-head", type=int, default=4)
-    p.add_argument("--demo-visual-tokens", type=int, default=65)
+    p.add_argument("--demo-visual-tokens", type=int, default=10)  # the demo CLIP: 1 + 3 x 3
     p.add_argument("--demo-visual-width", type=int, default=128)
     p.add_argument("--skip-demo", action="store_true")
     p.add_argument("--skip-real", action="store_true")

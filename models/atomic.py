@@ -1,7 +1,8 @@
 """Atomic output: write to a temporary file beside the target, then rename over it.
 
 A stage killed mid-write leaves at most a `.tmp-*` file, never a half-written output that a
-later stage (or DVC) could mistake for a finished one. A long stage also calls
+later stage (or DVC) could mistake for a finished one. The data reach the disk (fsync) before the
+rename, so a power cut cannot leave a renamed but empty file either. A long stage also calls
 `remove_outputs` first, so a run killed half-way does not leave the previous run's outputs
 beside its own, looking like one consistent result.
 """
@@ -12,6 +13,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask():
@@ -30,10 +39,23 @@ def atomic_path(path):
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
     try:
         yield Path(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_writable(path):
+    """Raise ValueError naming `path` now, before long work, when no file can be written there."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: output path is a folder, expected a file path")
+    folder = path.parent
+    while not folder.exists():   # missing folders are created at the write
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"{path}: cannot be written ({folder} is not a writable folder)")
 
 
 def remove_outputs(*paths):
@@ -55,6 +77,8 @@ def atomic_dir(path):
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:
         yield tmp
+        for file in (p for p in tmp.rglob("*") if p.is_file()):
+            _fsync(file)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

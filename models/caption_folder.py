@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from models.decoding import caption_text, generate
-from models.features import image_names
+from models.features import as_cached, image_names
 from models.imageio import image_loader, list_images, report_skip
 
 
@@ -28,7 +28,7 @@ def caption_folder(img_dir, encoder, model, tokenizer, decode_config, batch_size
                 report_skip(err, stream)
                 skipped.append(err)
             if batch.pixels is not None:
-                tokens = encoder(batch.pixels.to(device))
+                tokens = as_cached(encoder(batch.pixels.to(device)))
                 for i, hyp in zip(batch.indices, generate(model, tokens, decode_config,
                                                           tokenizer.eot_id)):
                     captions[names[i]] = caption_text(tokenizer, hyp.tokens)

@@ -317,6 +317,10 @@ def _decode(stepper_cls, model, visual_tokens, config, eot_id, capture, generato
     if config.max_new_tokens > room:
         config = dataclasses.replace(config, max_new_tokens=room,
                                      min_new_tokens=min(config.min_new_tokens, room))
+    vocab = model.decoder.config.vocab_size
+    if config.method == "beam" and config.beam_size >= vocab:  # each beam needs a non-end token
+        raise ValueError(f"decode.beam_size={config.beam_size} needs a vocabulary of more than "
+                         f"{config.beam_size} tokens; the decoder has {vocab}")
     stepper = stepper_cls(model, model.context(visual_tokens), capture)
     if config.method == "beam":
         return _beam_search(stepper, visual_tokens.size(0), config, eot_id, device)
@@ -363,8 +367,10 @@ def cap_for_clip(text, context_length=CLIP_CONTEXT):
 
 
 def caption_text(tokenizer, tokens):
-    """A hypothesis' tokens as a caption: decoded (end tokens dropped), stripped, CLIP-safe."""
-    return cap_for_clip(tokenizer.decode(tokens).strip())
+    """A hypothesis' tokens as a caption: decoded (end tokens dropped), CLIP-safe, every run of
+    whitespace one space (a generated line break, U+2028 or U+0085 would split the caption into
+    two lines for the course's PTBTokenizer)."""
+    return cap_for_clip(" ".join(tokenizer.decode(tokens).split()))
 
 
 def caption_features(model, tokenizer, rows, config, batch_size=32, device="cpu", total=None):

@@ -248,9 +248,12 @@ class TimmEncoder(ImageEncoder):
 class ClipVisualEncoder(ImageEncoder):
     def __init__(self, cfg: EncoderConfig, device="cpu"):
         super().__init__()
-        from models.clip_io import load_clip
+        from models.clip_io import CheckpointError, load_clip
         from clip.model import ModifiedResNet, VisionTransformer
-        clip_model, preprocess = load_clip(cfg.name, device=device)
+        try:
+            clip_model, preprocess = load_clip(cfg.name, device=device)
+        except CheckpointError as e:   # callers handle EncoderError for every kind of encoder
+            raise EncoderError(str(e)) from None
         visual = clip_model.visual
         self.visual = visual   # only the tower is kept
         res = int(visual.input_resolution)

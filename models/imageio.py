@@ -12,7 +12,7 @@ Rules (documented in the README and relied on by the grading scripts):
 - Every readable image comes back as 8-bit RGB with its EXIF orientation applied; transparency is
   composited onto white (a transparent background means "no background", which white shows
   better than the arbitrary colour hidden under alpha); 16-bit and 32-bit greyscale is rescaled,
-  not clipped.
+  not clipped, and a float image in [0, 1] is scaled to [0, 255].
 """
 import struct
 import sys
@@ -91,8 +91,13 @@ def _to_rgb(img):
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # Pillow's own convert("RGB") clips these at 255 (a 16-bit image becomes white).
         arr = np.asarray(img, dtype=np.float64)
-        if mode.startswith("I;16") or arr.max(initial=0) > 255:
-            arr = arr / 257.0
+        top = arr.max(initial=0)
+        if mode.startswith("I;16") or 255 < top <= 65535:
+            arr = arr / 257.0                # 16-bit range
+        elif top > 65535:
+            arr = arr * (255.0 / top)        # wider 32-bit values: rescaled to their maximum
+        elif mode == "F" and top <= 1.0:
+            arr = arr * 255.0                # float images in [0, 1]
         arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):

@@ -33,6 +33,13 @@ class Release:
         return decode, decode.pop("batch_size", 32)
 
 
+def in_repository(path):
+    """`path` made absolute against the repository when it is relative and names a file there."""
+    if not Path(path).is_absolute() and (ROOT / path).exists():
+        return str(ROOT / path)
+    return path
+
+
 def load_release(release, decoder_bin, device="cpu"):
     """The released captioner around the frozen GPT-2 at `decoder_bin`, every part checked to fit:
     vocabulary (by content hash) and image encoder (by encoder id) against the checkpoint."""
@@ -45,13 +52,20 @@ def load_release(release, decoder_bin, device="cpu"):
                            "(or `dvc pull select` in the real world)") from None
     except json.JSONDecodeError as e:
         raise ReleaseError(f"{selected_path}: not valid JSON ({e})") from None
+    missing = [k for k in ("encoder", "decode") if k not in selected]
+    if missing:
+        raise ReleaseError(f"{selected_path}: no {' or '.join(map(repr, missing))} entry: "
+                           "re-run `dvc repro select`")
     model, _ = load_captioner(release / "captioner.safetensors", decoder_bin, device)
     tokenizer = Tokenizer.from_files(release / "encoder.json", release / "vocab.bpe")
     if tokenizer.identity != model.config.tokenizer_id:
         raise ReleaseError(f"{release}: encoder.json/vocab.bpe are not the checkpoint's vocabulary")
-    encoder_config = EncoderConfig.from_dict(selected["encoder"])
-    if not Path(encoder_config.name).is_absolute() and (ROOT / encoder_config.name).exists():
-        encoder_config.name = str(ROOT / encoder_config.name)  # a demo CLIP file in the repo
+    encoder_config = EncoderConfig.from_dict(selected["encoder"], f"{selected_path} encoder")
+    # files named relative to the repository (the demo CLIP, timm weights): hw3_2.sh runs anywhere
+    if encoder_config.kind == "clip":
+        encoder_config.name = in_repository(encoder_config.name)
+    if encoder_config.weights is not None:
+        encoder_config.weights = in_repository(encoder_config.weights)
     if encoder_id(encoder_config) != model.config.encoder_id:
         raise ReleaseError(f"image encoder {encoder_config.name}: not the one the checkpoint was "
                            f"trained on ({model.config.encoder_id})")

@@ -6,8 +6,8 @@ Which CLIP and which prompts come from params.yaml's `zeroshot` section (clip, p
 ensemble/templates), the same as the zeroshot stage's predictions/p1.csv.
 
 Exit status: 0 every image classified; 3 some image files were unreadable (one stderr line each),
-the CSV holds all the others; 1 fatal (missing or empty folder, bad id2label.json, bad params or
-checkpoint): nothing written; 2 usage error.
+the CSV holds all the others; 1 fatal (missing or empty folder, no readable image, an output path
+that cannot be written, bad id2label.json, bad params or checkpoint): nothing written; 2 usage error.
 """
 import argparse
 import sys
@@ -43,19 +43,21 @@ def load_config(params_path, clip_override=None):
 
 def run(img_dir, id2label_path, out_csv, cfg, batch_size=None, num_workers=None):
     """Returns the exit status; raises on fatal errors before anything is written."""
+    from models.atomic import check_writable
     from models.clip_io import load_clip
-    from models.imageio import list_images
+    from models.imageio import ImageFolderError, list_images
     from models.zeroshot import classify, embed_images, read_id2label, write_predictions_csv
 
     out_csv = Path(out_csv)
-    if out_csv.is_dir():
-        raise ValueError(f"{out_csv}: output path is a folder, expected a CSV file path")
+    check_writable(out_csv)
     id2label = read_id2label(id2label_path)
     paths = list_images(img_dir, stream=sys.stderr)
     device = cfg.torch_device()
     model, preprocess = load_clip(cfg.clip, device=device)
     emb = embed_images(model, preprocess, paths, batch_size=batch_size or cfg.batch_size,
                        num_workers=cfg.num_workers if num_workers is None else num_workers)
+    if not emb.paths:
+        raise ImageFolderError(f"{img_dir}: none of its {len(emb.skipped)} image files could be read")
     pred, _ = classify(model, emb, id2label, cfg.prediction_templates())
     write_predictions_csv(out_csv, [p.name for p in emb.paths], pred)
     print(f"hw3_1: {len(emb.paths)} images classified -> {out_csv}"

@@ -6,8 +6,8 @@ Uses what the pipeline released (release/: the selected variant's trainable chec
 tokenizer files, the image encoder and decoding settings) and the frozen GPT-2 at DECODER_BIN.
 
 Exit status: 0 every image captioned; 3 some image files were unreadable (one stderr line each),
-the JSON holds all the others; 1 fatal (missing or empty folder, a decoder or checkpoint that does
-not fit): nothing written; 2 usage error.
+the JSON holds all the others; 1 fatal (missing or empty folder, no readable image, an output path
+that cannot be written, a decoder or checkpoint that does not fit): nothing written; 2 usage error.
 """
 import argparse
 import os
@@ -21,14 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None, workers=None):
     import torch
 
-    from models.atomic import write_json
+    from models.atomic import check_writable, write_json
     from models.caption_folder import caption_folder
     from models.decoding import DecodeConfig
+    from models.imageio import ImageFolderError, list_images
     from models.release import load_release
 
     out_json = Path(out_json)
-    if out_json.is_dir():
-        raise ValueError(f"{out_json}: output path is a folder, expected a JSON file path")
+    check_writable(out_json)
+    list_images(img_dir)   # a missing or empty folder fails before any model is loaded
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if workers is None:   # decoding JPEGs in parallel pays when a GPU does the rest
         workers = min(8, os.cpu_count() or 1) if device.startswith("cuda") else 0
@@ -38,6 +39,8 @@ def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None, w
                                        DecodeConfig.from_dict(decode, "release/selected.json decode"),
                                        batch_size or default_batch, num_workers=workers,
                                        device=device)
+    if not captions:
+        raise ImageFolderError(f"{img_dir}: none of its {len(skipped)} image files could be read")
     write_json(out_json, captions)
     print(f"hw3_2: {len(captions)} images captioned -> {out_json}"
           + (f"; {len(skipped)} unreadable files skipped" if skipped else ""), file=sys.stderr)

@@ -14,8 +14,8 @@ from models.world import World, load_params
 
 
 def best_variant(scores):
-    """scores: {variant: {"cider": .., "clipscore": ..}} -> the best variant's name."""
-    return max(sorted(scores), key=lambda v: (scores[v]["cider"], scores[v]["clipscore"]))
+    """scores: {variant: {"cider": .., "clipscore": .. (optional)}} -> the best variant's name."""
+    return max(sorted(scores), key=lambda v: (scores[v]["cider"], scores[v].get("clipscore", 0.0)))
 
 
 def main(argv=None):
@@ -29,6 +29,8 @@ def main(argv=None):
         path = Path("metrics") / f"{variant}.json"
         with open(path, encoding="utf-8") as f:
             scores[variant] = json.load(f)
+        if "cider" not in scores[variant]:
+            raise SystemExit(f"select: {path} has no cider: keep `cider` in score.metrics")
     chosen = best_variant(scores)
     release = Path("release")
     with atomic_dir(release) as tmp:  # the whole folder appears at once
@@ -39,8 +41,8 @@ def main(argv=None):
             "variant": chosen, "scores": scores[chosen],
             "encoder": params["extract"]["encoder"], "decode": params["decode"],
             "decoder_heads": world.decoder_heads})
-    print(f"selected {chosen}: CIDEr {scores[chosen]['cider']:.4f}, "
-          f"CLIPScore {scores[chosen]['clipscore']:.4f}")
+    print(f"selected {chosen}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores[chosen].items()
+                                             if k in ("cider", "clipscore")))
 
 
 if __name__ == "__main__":

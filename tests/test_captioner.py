@@ -459,6 +459,35 @@ def test_cross_attention_in_chosen_layers_only(course_sd):
         build(course_sd, "cross", "none", layers=[2])
 
 
+@pytest.mark.parametrize("enable", [[True, False, True], [True, True, True], [False, True, False]])
+def test_low_rank_lora_forward_equals_loralibs(enable):
+    """models.peft.lora.MergedLinear only computes loralib's update another way: (x A^T) B^T per
+    enabled part instead of the dense B@A placed by a boolean mask. Same outputs and gradients."""
+    import loralib
+    from models.peft.lora import MergedLinear
+    torch.manual_seed(0)
+    layer = MergedLinear(12, 18, r=2, lora_alpha=3, enable_lora=enable, merge_weights=False).double()
+    with torch.no_grad():  # float64: the two orders of summation agree to ~1e-15
+        layer.lora_B.normal_()  # B starts at zero: the update would vanish
+    layer.weight.requires_grad_(False)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    outs, grads = [], []
+    for forward in (MergedLinear.forward, loralib.MergedLinear.forward):
+        out = forward(layer, x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)])
+        for t in (x, layer.lora_A, layer.lora_B):
+            t.grad = None
+    torch.testing.assert_close(outs[0], outs[1])
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs)
+    disabled = [i for i, on in enumerate(enable) if not on]
+    plain = F.linear(x, layer.weight, layer.bias).detach().view(3, 5, 3, 6)
+    assert torch.equal(outs[0].view(3, 5, 3, 6)[:, :, disabled], plain[:, :, disabled])
+    assert not torch.allclose(outs[0], plain.view(3, 5, 18))
+
+
 # --- the budget at real size -------------------------------------------------------------------
 
 GPT2_SMALL_PARAMETERS = 124_439_808  # wte 50257x768 + wpe 1024x768 + 12 blocks + ln_f (lm_head tied)

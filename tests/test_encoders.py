@@ -92,6 +92,19 @@ def test_timm_weights_with_missing_key_is_an_error(tiny_timm, tmp_path):
         build_encoder(timm_cfg(tmp_path / "absent.pth"))
 
 
+def test_unusable_clip_file_is_an_encoder_error(clip_file, tmp_path):
+    _, clip_file = clip_file
+    """The error every caller (extract, hw3_2.sh, visualize) reports as one line naming the file."""
+    (tmp_path / "cut.pt").write_bytes(clip_file.read_bytes()[:1000])
+    with pytest.raises(EncoderError, match=r"cut\.pt"):
+        build_encoder(EncoderConfig(kind="clip", name=str(tmp_path / "cut.pt")))
+    sd = torch.load(clip_file, weights_only=True)
+    del sd["visual.proj"]
+    torch.save(sd, tmp_path / "short.pt")
+    with pytest.raises(EncoderError, match=r"short\.pt"):
+        build_encoder(EncoderConfig(kind="clip", name=str(tmp_path / "short.pt")))
+
+
 def test_clip_tokens_match_the_package(clip_file):
     model, path = clip_file
     enc = build_encoder(EncoderConfig(kind="clip", name=str(path)))

@@ -54,6 +54,21 @@ def test_conversions_are_faithful(hostile):
         Image.open(hostile / "a_rgb.png").convert("RGB").getdata())
 
 
+@pytest.mark.parametrize("mode,values,grey", [
+    ("F", [0.0, 0.5, 1.0], [0, 128, 255]),               # float image in [0, 1]
+    ("F", [0.0, 100.0, 255.0], [0, 100, 255]),           # float image in [0, 255]
+    ("I", [0, 32896, 65535], [0, 128, 255]),             # 16-bit values in a 32-bit image
+    ("I", [0, 500000, 1000000], [0, 128, 255]),          # wider values: rescaled to their maximum
+])
+def test_wide_greyscale_is_rescaled(tmp_path, mode, values, grey):
+    import numpy as np
+    arr = np.array([values], dtype=np.float32 if mode == "F" else np.int32)
+    path = tmp_path / "wide.tif"
+    Image.fromarray(arr, mode=mode).save(path)
+    img = load_rgb(path)
+    assert [img.getpixel((x, 0)) for x in range(3)] == [(g, g, g) for g in grey]
+
+
 @pytest.mark.parametrize("name,problem", [("truncated.jpg", "truncated"), ("zero_bytes.jpg", "0 bytes"),
                                           ("text_named.jpg", "not an image"), ("bad.PNG", "truncated")])
 def test_unreadable_raise_naming_file(hostile, name, problem):

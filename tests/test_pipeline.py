@@ -74,6 +74,9 @@ def test_hw3_2_captions_every_image(ran, tmp_path):
     captions = json.loads(out.read_text())
     assert sorted(captions) == sorted(p.stem for p in img_dir.iterdir())
     assert all(isinstance(c, str) and c.strip() for c in captions.values())
+    # the handed-in script gives the captions that were scored (decode stage, cached tokens)
+    variant = json.loads((ran / "release/selected.json").read_text())["variant"]
+    assert captions == json.loads((ran / "predictions" / variant / "val.json").read_text())
 
 
 def test_hw3_2_refuses_a_decoder_of_another_width(ran, tmp_path):
@@ -111,6 +114,34 @@ def test_hw3_2_missing_folder_writes_nothing(ran, tmp_path):
     assert result.returncode == 1 and "no such folder" in result.stderr and not out.exists()
 
 
+@pytest.mark.parametrize("case", ["unreadable images", "output under a file", "selected.json without decode"])
+def test_hw3_2_fatal_inputs_write_nothing(ran, tmp_path, case):
+    img_dir, out, release = ran / "hw3_data/p3_data/images", tmp_path / "pred.json", ran / "release"
+    if case == "unreadable images":
+        img_dir = tmp_path / "broken"
+        img_dir.mkdir()
+        for name in ("a.jpg", "b.png"):
+            (img_dir / name).write_bytes(b"not an image")
+        message = "broken: none of its 2 image files could be read"
+    elif case == "output under a file":
+        (tmp_path / "a_file").write_text("x")
+        out = tmp_path / "a_file" / "pred.json"
+        message = "a_file is not a writable folder"
+    else:
+        release = tmp_path / "release"
+        shutil.copytree(ran / "release", release)
+        selected = json.loads((release / "selected.json").read_text())
+        del selected["decode"]
+        (release / "selected.json").write_text(json.dumps(selected))
+        message = "selected.json: no 'decode' entry"
+    result = subprocess.run(
+        ["bash", str(REPO / "hw3_2.sh"), str(img_dir), str(out),
+         str(ran / "hw3_data/p2_data/decoder_model.bin"), "--release", str(release)],
+        capture_output=True, text=True)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
 def test_hw3_2_refuses_a_truncated_decoder(ran, tmp_path):
     good = (ran / "hw3_data/p2_data/decoder_model.bin").read_bytes()
     (tmp_path / "cut.bin").write_bytes(good[: len(good) // 2])
@@ -132,3 +163,11 @@ def test_hw3_2_refuses_a_release_whose_encoder_is_not_the_checkpoints(ran, tmp_p
     result, out = hw3_2(ran, tmp_path, ran / "hw3_data/p2_data/decoder_model.bin", release)
     assert result.returncode == 1 and not out.exists()
     assert "other_clip.pt" in result.stderr and "not the one the checkpoint was trained on" in result.stderr
+
+
+def test_select_picks_the_best_cider_then_clipscore():
+    from stages.select import best_variant
+    assert best_variant({"a": {"cider": 1.0, "clipscore": 0.9}, "b": {"cider": 1.2, "clipscore": 0.1}}) == "b"
+    assert best_variant({"a": {"cider": 1.0, "clipscore": 0.9}, "b": {"cider": 1.0, "clipscore": 0.8}}) == "a"
+    # score.metrics without clipscore: CIDEr alone decides (ties: the first name)
+    assert best_variant({"b": {"cider": 1.0}, "a": {"cider": 1.0}, "c": {"cider": 0.5}}) == "a"

@@ -234,12 +234,20 @@ def test_hw3_1_fatal_inputs(tmp_path, tiny, p1, capsys):
     bad_map.write_text('["bicycle", "car"]')
     empty = tmp_path / "empty"
     empty.mkdir()
-    cases = [((tmp_path / "missing dir", good_map), "missing dir: image folder does not exist"),
-             ((val, bad_map), "id2label.json: expected a JSON object"),
-             ((empty, good_map), "empty: no image files"),
-             ((val, tmp_path / "none.json"), "none.json: id2label file does not exist")]
-    for (folder, id2label), msg in cases:
-        assert hw3_1.main([str(folder), str(id2label), str(out), "--params", str(params)]) == 1
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("1_1.png", "2_3.jpg"):
+        (broken / name).write_bytes(b"not an image")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [((tmp_path / "missing dir", good_map, out), "missing dir: image folder does not exist"),
+             ((val, bad_map, out), "id2label.json: expected a JSON object"),
+             ((empty, good_map, out), "empty: no image files"),
+             ((broken, good_map, out), "broken: none of its 2 image files could be read"),
+             ((val, tmp_path / "none.json", out), "none.json: id2label file does not exist"),
+             ((val, good_map, a_file / "out.csv"), "a_file is not a writable folder")]
+    for (folder, id2label, out_path), msg in cases:
+        assert hw3_1.main([str(folder), str(id2label), str(out_path), "--params", str(params)]) == 1
         assert msg in capsys.readouterr().err
         assert not out.exists()
     assert hw3_1.main([str(val), str(good_map), str(out), "--params", str(params)]) == 0

@@ -3,7 +3,28 @@ eval() and subtracts it again on train(), so every validation pass during traini
 the frozen weight by rounding. Unmerged, the frozen tensors stay bit-identical; the extra cost is
 one rank-r product per layer."""
 import loralib as lora
-import torch
+import torch.nn.functional as F
+
+
+class MergedLinear(lora.MergedLinear):
+    """loralib's MergedLinear (same parameters, state-dict keys and merge rules) with a low-rank
+    forward: out[:, part] += (x A_part^T) B_part^T * scaling for each enabled part of the output.
+
+    loralib's own forward builds the dense update B@A [out, in] at every call and places it with
+    a boolean-mask assignment; that is an extra full-width matrix product per layer (forward and
+    backward), and on CUDA the mask's nonzero() makes the host wait for the GPU in every layer."""
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        if self.r == 0 or self.merged or not any(self.enable_lora):
+            return out
+        width = self.out_features // len(self.enable_lora)
+        low = self.lora_dropout(x) @ self.lora_A.T  # [..., r * enabled parts]
+        parts = zip(low.split(self.r, dim=-1), self.lora_B.split(width))
+        for i in [i for i, on in enumerate(self.enable_lora) if on]:
+            a, b = next(parts)
+            out[..., i * width:(i + 1) * width] += (a @ b.T) * self.scaling
+        return out
 
 
 def _lora_linear(linear, config, enable=None):
@@ -12,7 +33,7 @@ def _lora_linear(linear, config, enable=None):
     if enable is None:
         new = lora.Linear(linear.in_features, linear.out_features, **kwargs)
     else:
-        new = lora.MergedLinear(linear.in_features, linear.out_features, enable_lora=enable, **kwargs)
+        new = MergedLinear(linear.in_features, linear.out_features, enable_lora=enable, **kwargs)
     new.weight = linear.weight  # the frozen tensors themselves (lm_head's weight is tied to wte)
     new.bias = linear.bias
     assert not new.weight.requires_grad, "freeze the decoder before attaching LoRA"
