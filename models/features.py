@@ -28,14 +28,14 @@ from models.atomic import atomic_path
 from models.imageio import image_loader, report_skip
 
 FORMAT_VERSION = 1
+LIBVER = ("v110", "v110")     # fixed, so the file layout cannot change with the h5py default
+_STR = h5py.string_dtype("utf-8")
 
 
 def as_cached(tokens):
     """Encoder tokens rounded as the cache stores them (float16), back in float32: what training
     and the decode stage see, so that captioning straight from images (hw3_2.sh) matches them."""
     return tokens.to(torch.float16).float()
-LIBVER = ("v110", "v110")     # fixed, so the file layout cannot change with the h5py default
-_STR = h5py.string_dtype("utf-8")
 
 
 class FeatureFileError(Exception):

@@ -52,7 +52,7 @@ def load_release(release, decoder_bin, device="cpu"):
                            "(or `dvc pull select` in the real world)") from None
     except json.JSONDecodeError as e:
         raise ReleaseError(f"{selected_path}: not valid JSON ({e})") from None
-    missing = [k for k in ("encoder", "decode") if k not in selected]
+    missing = [k for k in ("encoder", "decode") if not isinstance(selected, dict) or k not in selected]
     if missing:
         raise ReleaseError(f"{selected_path}: no {' or '.join(map(repr, missing))} entry: "
                            "re-run `dvc repro select`")
