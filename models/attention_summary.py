@@ -1,5 +1,7 @@
 """Where each shape word of a caption looks: the peak of its attention map, and which drawn object
-(if the objects are known, as in the demo world) the peak falls on and holds the most attention.
+(if the objects are known, as in the demo world) has the peak inside its bounding box and which
+holds the most attention (mean over its bounding box). A box, not the drawn outline: for a star,
+cross or triangle part of the box is background, so "on the named shape" means "in its box".
 
 Objects are dicts {"shape", "colour", "cx", "cy", "extent"} in original-image pixels (the demo's
 `SceneObject`: centre and bounding-box side). Maps are the upsampled [H, W] arrays drawn over the

@@ -27,7 +27,8 @@ class BridgeConfig:
             raise ValueError(f"bridge.kind={self.kind!r}: expected one of {BRIDGES}")
 
     def cross_layers(self, n_layer):
-        layers = list(self.layers) or list(range(n_layer))
+        """The decoder blocks with cross-attention, in block order (the order decoding captures them)."""
+        layers = sorted(set(self.layers)) or list(range(n_layer))
         bad = [i for i in layers if not 0 <= i < n_layer]
         if bad:
             raise ValueError(f"bridge.layers {bad} outside the decoder's {n_layer} blocks")

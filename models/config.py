@@ -10,4 +10,27 @@ def from_section(cls, section, source):
     unknown = set(section) - known
     if unknown:
         raise ValueError(f"{source}: unknown parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+    for f in dataclasses.fields(cls):
+        if f.name in section:
+            section[f.name] = _number(section[f.name], f.type, f"{source}.{f.name}")
     return cls(**section)
+
+
+def _number(value, kind, name):
+    """A str for an int/float field (PyYAML reads `1e-3`, without a dot, as a string) as a number;
+    a value that is no number is an error naming the key."""
+    kind = {"int": int, "float": float}.get(kind, kind)
+    if kind not in (int, float) or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r}: expected a number") from None
+    if not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r}: expected a number")
+    if kind is int:
+        if value != int(value):
+            raise ValueError(f"{name}={value!r}: expected a whole number")
+        return int(value)
+    return float(value)

@@ -234,6 +234,12 @@ class FeatureFile:
         """torch.float16 [T, D] of row i."""
         return self.read_rows([i])[0]
 
+    def all_rows(self):
+        """torch.float16 [N, T, D] of every row; in memory, the array itself (no second copy)."""
+        if self._ram is not None:
+            return torch.from_numpy(self._ram)
+        return self.read_rows(range(len(self)))
+
     def read_rows(self, indices):
         """torch.float16 [len(indices), T, D]; indices in any order, repeats allowed."""
         idx = [self._check(int(i)) for i in indices]

@@ -250,8 +250,9 @@ def attention_section(root, out_dir, summary):
     hits = summary.get("shape_word_hits")
     if hits:
         lines += [f"Shape words in the p3 captions: {hits['shape_words']}; the attention peak lies "
-                  f"on an object of the named shape for {hits['peak_on_named_shape']}, the object "
-                  f"holding the most attention is of the named shape for "
+                  f"in the bounding box of an object of the named shape for "
+                  f"{hits['peak_on_named_shape']}, the object with the most attention (mean over "
+                  f"its bounding box) is of the named shape for "
                   f"{hits['most_attention_on_named_shape']} (the named shape is in the image for "
                   f"{hits['named_shape_in_image']}). Per word: `figures/attention/summary.json`.", ""]
         rows = [[e["name"], w["word"], f"({w['patch'][0]}, {w['patch'][1]})",
@@ -259,8 +260,9 @@ def attention_section(root, out_dir, summary):
                  "yes" if w.get("peak_on_named_shape") else "no"]
                 for e in summary.get("p3", []) for w in e.get("shape_words", [])]
         if rows:
-            lines += [table(["image", "word", "peak patch (row, col)", "object under the peak",
-                             "object with the most attention", "peak on the named shape"], rows), ""]
+            lines += [table(["image", "word", "peak patch (row, col)", "object whose box holds the peak",
+                             "object with the most attention", "peak in a box of the named shape"],
+                            rows), ""]
     return lines
 
 

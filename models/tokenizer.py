@@ -158,3 +158,9 @@ def caption_batch(token_lists, eot_id, max_len):
         targets[i, n] = eot_id
         attention_mask[i, :n + 2] = 1
     return input_ids, targets, attention_mask
+
+
+def target_count(token_lists, max_len):
+    """How many targets caption_batch gives these captions: each one's kept tokens + its end token.
+    The weight of a batch's mean token loss in an average over tokens."""
+    return sum(min(len(t), max_len - 2) + 1 for t in token_lists)

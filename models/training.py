@@ -15,7 +15,7 @@ from models.checkpoint import save_trainable
 from models.decoding import DecodeConfig, caption_features
 from models.precision import DTYPES, autocast
 from models.scoring import cider, tokenize_pair
-from models.tokenizer import caption_batch
+from models.tokenizer import caption_batch, target_count
 
 
 @dataclass
@@ -25,7 +25,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     max_caption_tokens: int = 48  # inputs per caption, start and end token included
     val_images: int = 200  # val subset decoded every epoch for CIDEr (0 = all)
     val_batch_size: int = 64
@@ -34,16 +34,20 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, least in (("epochs", 1), ("batch_size", 1), ("val_batch_size", 1),
-                            ("max_caption_tokens", 2)):  # 2: the start and the end token
+                            ("max_caption_tokens", 2),  # 2: the start and the end token
+                            ("val_images", 0), ("grad_clip", 0), ("lr", 0), ("warmup_steps", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"train.{name}={getattr(self, name)!r}: must be at least {least}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"train.precision={self.precision!r}: must be 'auto', 'fp32' or 'bf16'")
 
     def autocast_dtype(self, device):
-        """The autocast dtype on `device`, or None for plain fp32."""
+        """The autocast dtype on `device`, or None for plain fp32. "auto" takes bf16 only on a GPU
+        that computes it natively (Ampere or later); emulated bf16 is slower than fp32."""
         if self.precision == "auto":
-            return torch.bfloat16 if torch.device(device).type == "cuda" else None
+            native = torch.device(device).type == "cuda" and \
+                torch.cuda.is_bf16_supported(including_emulation=False)
+            return torch.bfloat16 if native else None
         return DTYPES[self.precision]
 
 
@@ -57,7 +61,9 @@ class CaptionPairs:
         missing = [n for n in references if n not in index]
         if missing:
             raise ValueError(f"{len(missing)} captioned image(s) have no cached features, "
-                             f"e.g. {missing[:3]}: re-run the extract stage")
+                             f"e.g. {missing[:3]}: re-run the extract stage; if "
+                             "extract.skip_unreadable left them out, mend those images or remove "
+                             "their captions")
         self.names = list(names)
         self.references = references
         captions = [(index[n], c) for n, caps in references.items() for c in caps]
@@ -157,21 +163,23 @@ def train_step(model, optimizer, params, batch, tokens, tokenizer, config, devic
     loss = batch_loss(model, batch, tokens, tokenizer, config, device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
     optimizer.step()
     return loss
 
 
 @torch.no_grad()
 def evaluate(model, val, tokenizer, config, device, subset):
-    """(val loss over the subset's captions, greedy CIDEr over the subset, its captions)."""
+    """(val loss per target token over the subset's captions, greedy CIDEr over the subset, its
+    captions)."""
     model.eval()
     sub_refs = {n: val.references[n] for n in subset}
     pairs = CaptionPairs((val.names, val.tokens), sub_refs, tokenizer)
     losses, weights = [], []
     for batch in pairs.batches(config.val_batch_size, shuffle=False):
         losses.append(batch_loss(model, batch, val.tokens, tokenizer, config, device).item())
-        weights.append(len(batch))
+        weights.append(target_count([t for _, t in batch], config.max_caption_tokens))
     row_of = {n: i for i, n in enumerate(val.names)}
     rows = ((n, val.tokens[row_of[n]].float()) for n in subset)
     with autocast(device.type, config.autocast_dtype(device)):
@@ -211,8 +219,9 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
                 loss = train_step(model, optimizer, params, batch, train_tokens, tokenizer,
                                   config, device, lr_at(step, total, config))
                 step += 1
-                running += loss.item() * len(batch)
-                count += len(batch)
+                n = target_count([t for _, t in batch], config.max_caption_tokens)
+                running += loss.item() * n   # averages over target tokens, as the loss itself
+                count += n
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             val_loss, val_cider, _ = evaluate(model, val_pairs, tokenizer, config, device, subset)
             row = dict(epoch=epoch, train_loss=running / count, val_loss=val_loss, val_cider=val_cider,

@@ -35,7 +35,7 @@ def variant_config(params, variant, decoder_config, features, tokenizer):
 
 def in_memory(path):
     features = FeatureFile(path, in_memory=True)
-    return features, (features.names, features.read_rows(range(len(features))))
+    return features, (features.names, features.all_rows())
 
 
 def main(argv=None):

@@ -28,6 +28,7 @@ from models.attention_maps import (AttentionMapConfig, caption_with_maps, encode
 from models.attention_summary import (count_hits, demo_p3_objects, describe_peak,
                                       shape_vocabulary, shape_words_report)
 from models.decoding import DecodeConfig
+from models.encoders import EncoderError
 from models.features import FeatureFile
 from models.gpt2 import CheckpointError
 from models.imageio import list_images, load_rgb
@@ -84,7 +85,7 @@ def main(argv=None):
 
     try:
         release = load_release(Path(args.release), world.decoder, device)
-    except (ReleaseError, CheckpointError) as e:
+    except (ReleaseError, CheckpointError, EncoderError) as e:
         sys.exit(str(e))
     model, tokenizer, encoder, selected = (release.model, release.tokenizer, release.encoder,
                                            release.selected)
@@ -144,7 +145,7 @@ def main(argv=None):
         print(f"{e['name']}: {e['caption']}")
     if summary["shape_word_hits"]:
         h = summary["shape_word_hits"]
-        print(f"shape words: {h['shape_words']}; attention peak on the named shape: "
+        print(f"shape words: {h['shape_words']}; attention peak in the named shape's bounding box: "
               f"{h['peak_on_named_shape']}; most attention on it: {h['most_attention_on_named_shape']}")
 
 

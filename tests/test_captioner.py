@@ -457,6 +457,8 @@ def test_cross_attention_in_chosen_layers_only(course_sd):
     assert model.decoder.h[0].cross is None and model.decoder.h[1].cross is not None
     with pytest.raises(ValueError, match=r"bridge.layers \[2\] outside the decoder's 2 blocks"):
         build(course_sd, "cross", "none", layers=[2])
+    # written in any order or twice: block order, as decoding captures the attention rows
+    assert BridgeConfig(layers=[1, 0, 1]).cross_layers(2) == [0, 1]
 
 
 @pytest.mark.parametrize("enable", [[True, False, True], [True, True, True], [False, True, False]])

@@ -87,6 +87,9 @@ def test_write_is_byte_identical_and_round_trips(enc, images, tmp_path):
     assert torch.equal(ff.read_rows([9, 2, 2, 5]), ref[[9, 2, 2, 5]])   # any order, repeats
     ram = FeatureFile(a, in_memory=True)
     assert torch.equal(ram.read_rows([9, 2, 2, 5]), ref[[9, 2, 2, 5]]) and torch.equal(ram[4], ref[4])
+    # the whole table: from the file, or in memory without a second copy (5.6 GB at real size)
+    assert torch.equal(ff.all_rows(), ref) and torch.equal(ram.all_rows(), ref)
+    assert ram.all_rows().data_ptr() == ram.all_rows().data_ptr()
     with pytest.raises(KeyError, match="im_99"):
         ff.index_of("im_99")
     with pytest.raises(IndexError):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tokenizers.pre_tokenizers import ByteLevel
 
-from models.tokenizer import IGNORE_INDEX, Tokenizer, caption_batch
+from models.tokenizer import IGNORE_INDEX, Tokenizer, caption_batch, target_count
 
 GPT2_DIR = Path(__file__).parents[2] / "shared" / "gpt2"
 needs_gpt2 = pytest.mark.skipif(not GPT2_DIR.is_dir(), reason=f"{GPT2_DIR} absent")
@@ -81,11 +81,12 @@ def test_caption_batch_layout():
             if t != -100:
                 assert row_in[i + 1] == t
                 n += 1
-    assert n == int((tgt != -100).sum()) == 6
+    assert n == int((tgt != -100).sum()) == 6 == target_count([[5, 6, 7], [9]], max_len=10)
 
 
 def test_caption_batch_truncates_to_max_len_and_keeps_the_end_target():
     inp, tgt, mask = caption_batch([list(range(1, 21)), [3]], eot_id=99, max_len=6)
+    assert target_count([list(range(1, 21)), [3]], max_len=6) == int((tgt != IGNORE_INDEX).sum())
     assert inp.shape == (2, 6)
     assert inp[0].tolist() == [99, 1, 2, 3, 4, 99]
     assert tgt[0].tolist() == [1, 2, 3, 4, 99, -100]

@@ -76,7 +76,38 @@ def test_features_stay_on_the_host_without_a_gpu():
 
 
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("max_caption_tokens", 1),
-                                          ("precision", "fp16")])
+                                          ("precision", "fp16"), ("val_images", -1), ("grad_clip", -1.0),
+                                          ("lr", -1e-3), ("warmup_steps", -1)])
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=rf"train\.{field}="):
         TrainConfig(**{field: value})
+
+
+def test_grad_clip_zero_means_no_clipping(course_sd):
+    """grad_clip: 0 turns clipping off (clip_grad_norm_ with 0 would zero every gradient)."""
+    from models.training import make_optimizer, train_step
+    data = pairs(4, seed=3)
+    after = []
+    for clip in (0.0, 1e9):
+        model = perturb(build(course_sd, "gated_cross", "lora"))
+        config = TrainConfig(batch_size=4, grad_clip=clip, weight_decay=0.0)
+        optimizer, params = make_optimizer(model, config)
+        train_step(model, optimizer, params, data.pairs[:4], data.tokens, WordTokenizer(), config,
+                   torch.device("cpu"), lr=1e-2)
+        after.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    start = {n: p for n, p in perturb(build(course_sd, "gated_cross", "lora")).named_parameters()
+             if p.requires_grad}
+    assert all(torch.equal(after[0][n], after[1][n]) for n in start)
+    assert any(not torch.equal(after[0][n], start[n]) for n in start)
+
+
+def test_train_section_numbers_written_as_strings_are_read_as_numbers():
+    from models.config import from_section
+    config = from_section(TrainConfig, {"lr": "1e-3", "batch_size": "32", "epochs": 2.0}, "train")
+    assert config.lr == 1e-3 and config.batch_size == 32 and config.epochs == 2
+    assert isinstance(config.batch_size, int) and isinstance(config.epochs, int)
+    for section, message in (({"lr": "fast"}, r"train\.lr='fast': expected a number"),
+                             ({"epochs": 2.5}, r"train\.epochs=2\.5: expected a whole number"),
+                             ({"batch_size": [64]}, r"train\.batch_size=\[64\]: expected a number")):
+        with pytest.raises(ValueError, match=message):
+            from_section(TrainConfig, section, "train")
