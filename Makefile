@@ -8,8 +8,13 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: env repro test
+.PHONY: env java repro test
 env: $(VENV)/.installed
+
+# The caption metrics run Java tools (PTBTokenizer, METEOR): say so before any long work.
+java:
+	@command -v java >/dev/null || { echo "make: Java is needed for the caption metrics \
+	(PTBTokenizer, METEOR): install a JRE, e.g. apt-get install default-jre-headless" >&2; exit 1; }
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +22,8 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/pip install -q -r requirements.txt
 	touch $@
 
-repro: env
+repro: java env
 	dvc repro
 
-test: env
+test: java env
 	python -m pytest -q tests

@@ -9,6 +9,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PATH="$(pwd)/.venv/bin:${PATH}"
+if ! command -v dvc >/dev/null; then
+    echo "hw3_download.sh: dvc not found: run \`make env\` first (it creates .venv)" >&2
+    exit 1
+fi
 if ! dvc remote list | grep -q .; then
     echo "hw3_download.sh: no DVC remote configured; see the comment at the top of this file" >&2
     exit 1

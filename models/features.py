@@ -162,10 +162,15 @@ def _read_names(f, path, dataset):
     return names
 
 
-def read_embeddings(path):
-    """(names, float32 array [N, E]) of a clipscore_<split>.h5 file."""
+def read_embeddings(path, model_id=None):
+    """(names, float32 array [N, E]) of a clipscore_<split>.h5 file; with `model_id`, the file
+    must have been made by that CLIP (`encoder_id` of its EncoderConfig)."""
     with _open(path) as f:
         names = _read_names(f, path, "embeds")
+        made_by = str(f.attrs.get("model_id"))
+        if model_id is not None and made_by != model_id:
+            raise FeatureFileError(f"{path}: made by CLIP {made_by}, not by the scoring CLIP "
+                                   f"{model_id}; re-run the extract stage")
         return names, f["embeds"][()].astype(np.float32, copy=False)
 
 

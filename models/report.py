@@ -4,7 +4,7 @@ it whenever any of them changes and it can never show a stale number.
 
 Required inputs (an error names the missing file): metrics/<variant>.json, metrics/train/<variant>.json
 and plots/train/<variant>.json of every variant in params `variants:`. Optional sections appear
-only when their files exist: release/selected.json, metrics/decoding_sweep.json,
+only when their files exist: release/selected.json,
 metrics/zeroshot.json (+ zeroshot_classes.json, figures/zeroshot/), figures/attention/,
 figures/pos_embed_similarity.png, metrics/demo_*.json.
 """
@@ -169,8 +169,10 @@ def variants_section(variants, selected):
         "## Captioning (problem 2): every PEFT variant",
         "",
         f"Scores on the val split ({', '.join(fmt(n) for n in sorted(n_images, key=str))} images). "
-        "CIDEr and CLIPScore as the course's `p2_evaluate.py` computes them; *CIDEr (course)* is "
-        "the course's own CIDEr variant; *blind CIDEr* is the same model captioning val with the "
+        "*CIDEr*: coco-caption CIDEr-D on PTBTokenizer words (what selects the released variant); "
+        "*CIDEr (course)*: the number the course's `p2_evaluate.py` prints, compare it with the "
+        "course's baselines (it counts character n-grams, see `models/scoring.py`); *CLIPScore* as "
+        "`p2_evaluate.py` computes it; *blind CIDEr* is the same model captioning val with the "
         "images shuffled across it: what the language model scores without looking.",
         "",
         table(headers, rows),
@@ -185,20 +187,6 @@ def variants_section(variants, selected):
         "![training curves](figures/training_curves.png)",
         "",
     ]
-    return lines
-
-
-def sweep_section(sweep):
-    lines = ["## Greedy vs beam search", ""]
-    rows = []
-    if isinstance(sweep, dict):
-        sweep = [{"setting": k, **v} if isinstance(v, dict) else {"setting": k, "cider": v}
-                 for k, v in sweep.items()]
-    keys = [k for k, _ in METRICS if any(k in r for r in sweep)] + \
-           [k for k in ("seconds", "images_per_second") if any(k in r for r in sweep)]
-    for r in sweep:
-        rows.append([str(r.get("setting", r.get("method", "?")))] + [fmt(r.get(k)) for k in keys])
-    lines += [table(["decoding"] + keys, rows), ""]
     return lines
 
 
@@ -298,8 +286,6 @@ def reproduce_section(variants, has):
                      "`bash hw3_1.sh IMG_DIR ID2LABEL_JSON OUT_CSV`"])
     if has.get("attention"):
         rows.append(["attention figures, positional-embedding similarity", "`dvc repro visualize`"])
-    if has.get("sweep"):
-        rows.append(["greedy vs beam table", "the stage that writes `metrics/decoding_sweep.json`"])
     rows.append(["this page", "`dvc repro report`"])
     return ["## How to reproduce each number", "", table(["what", "command"], rows), ""]
 
@@ -309,7 +295,6 @@ def build_report(root, params, out_dir):
     root, out_dir = Path(root), Path(out_dir)
     variants = load_variants(root, params.get("variants"))
     selected = read_json(root / "release" / "selected.json", required=False)
-    sweep = read_json(root / "metrics" / "decoding_sweep.json", required=False)
     zs = read_json(root / "metrics" / "zeroshot.json", required=False)
     zs_details = read_json(root / "metrics" / "zeroshot_classes.json", required=False)
     attention = read_json(root / "figures" / "attention" / "summary.json", required=False)
@@ -333,8 +318,6 @@ def build_report(root, params, out_dir):
                   f"(CIDEr {fmt(s.get('cider'))}, CLIPScore {fmt(s.get('clipscore'))}), decoding "
                   f"`{json.dumps(selected.get('decode'))}`.", ""]
     lines += variants_section(variants, selected)
-    if sweep:
-        lines += sweep_section(sweep)
     if zs:
         lines += zeroshot_section(root, out_dir, zs, zs_details)
     if attention:
@@ -346,7 +329,7 @@ def build_report(root, params, out_dir):
                   "small map per position, laid out on the patch grid).", "",
                   f"![positional embedding similarity]({_copy(pos, out_dir, 'figures/pos_embed_similarity.png')})", ""]
     lines += demo_section(root, demo_world)
-    lines += reproduce_section(variants, {"zeroshot": zs, "attention": attention, "sweep": sweep})
+    lines += reproduce_section(variants, {"zeroshot": zs, "attention": attention})
     shown = {k: params[k] for k in PARAM_SECTIONS if k in params}
     lines += ["## Parameters of this run", "", "```yaml",
               yaml.safe_dump(shown, sort_keys=False).rstrip(), "```", ""]

@@ -30,6 +30,7 @@ result against pycocoevalcap's PTBTokenizer itself.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -44,6 +45,9 @@ from tqdm import tqdm
 METRICS = ("cider", "clipscore", "bleu4", "meteor", "rougeL")
 ALL_METRICS = METRICS + ("cider_course",)
 CLIPSCORE_WEIGHT = 2.5
+
+# Characters Java reads as line ends: each would split a caption over two PTBTokenizer lines.
+LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def _some(names, k=5):
@@ -151,7 +155,7 @@ def ptb_tokenize(sentences):
     if java is None:
         raise RuntimeError("Java is required for PTBTokenizer: install a JRE "
                            "(e.g. apt-get install default-jre-headless)")
-    text = "\n".join(s.replace("\n", " ") for s in sentences)
+    text = "\n".join(LINE_BREAKS.sub(" ", s) for s in sentences)
     fd, tmp = tempfile.mkstemp(prefix="ptb-", suffix=".txt")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -48,6 +48,9 @@ def main(argv=None):
         captions = caption_split(model, tokenizer, f"features/{split}.h5", config, batch_size, device)
         write_json(out / f"{split}.json", captions)
     n_val = len(FeatureFile("features/val.h5"))
+    if n_val < 2:
+        raise SystemExit("decode: the blind baseline pairs each val image with another one's "
+                         f"tokens; features/val.h5 has {n_val} image(s)")
     # A random cycle through the val set: no image is ever paired with its own tokens.
     cycle = torch.randperm(n_val, generator=torch.Generator().manual_seed(0)).tolist()
     permutation = [0] * n_val

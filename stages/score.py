@@ -51,8 +51,10 @@ def main(argv=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, preprocess = load_clip(clip_name, device)
         if cfg.get("image_embeddings"):
+            from models.encoders import EncoderConfig, encoder_id
             from models.features import read_embeddings
-            names, array = read_embeddings(cfg["image_embeddings"])
+            names, array = read_embeddings(cfg["image_embeddings"],
+                                           encoder_id(EncoderConfig(kind="clip", name=clip_name)))
             embeddings = (array, names)
     summary, per_image = score_captions(predictions, references, model, preprocess,
                                         images_root=p2 / "images" / "val", embeddings=embeddings,

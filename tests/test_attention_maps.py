@@ -379,7 +379,6 @@ def test_report_renders_every_section_from_the_pipeline_outputs(tmp_path, monkey
                  "dvc exp run -S peft.rank=16", "for 5, the object", "rank: 8",
                  "| bike | box | (2, 3) | red square at (40, 30) |"):
         assert text in page, text
-    assert "Greedy vs beam" not in page  # no metrics/decoding_sweep.json: the section is left out
     for rel in ("figures/training_curves.png", "figures/variant_scores.png",
                 "figures/zeroshot/top5_1.png", "figures/attention/bike.png"):
         assert (tmp_path / "report" / rel).is_file() and f"]({rel})" in page
@@ -387,12 +386,9 @@ def test_report_renders_every_section_from_the_pipeline_outputs(tmp_path, monkey
     fabricate_outputs_again = json.loads((tmp_path / "metrics" / "lora.json").read_text())
     fabricate_outputs_again["cider"] = 0.9321
     (tmp_path / "metrics" / "lora.json").write_text(json.dumps(fabricate_outputs_again))
-    (tmp_path / "metrics" / "decoding_sweep.json").write_text(json.dumps(
-        {"greedy": {"cider": 0.5555}, "beam_3": {"cider": 0.6666}}))
     report.main([])
     page = (tmp_path / "report" / "README.md").read_text()
     assert "0.932" in page and "0.812" not in page
-    assert "Greedy vs beam" in page and "0.667" in page
 
 
 def test_report_names_a_missing_metrics_file(tmp_path, monkeypatch):

@@ -161,6 +161,9 @@ def test_tokenizer_matches_pycocoevalcap_on_awkward_text():
     ours = scoring.ptb_tokenize(caps)
     theirs = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(caps)})
     assert ours == [theirs[i][0] for i in range(len(caps))]
+    # other line ends stay inside their caption (pycocoevalcap replaces only "\n" and misaligns)
+    odd = ["a\rb", "c\u2028d\x85e", "f\x0bg\x0ch", "last one"]
+    assert scoring.ptb_tokenize(odd) == ["a b", "c d e", "f g h", "last one"]
 
 
 def test_clipscore_matches_course_formula(world, clip_model):
@@ -296,8 +299,10 @@ def test_stage_with_extracted_embeddings(world, monkeypatch):
     (run / "predictions" / "adapter").mkdir(parents=True)
     (run / "predictions" / "adapter" / "val.json").write_text(json.dumps(PREDICTIONS))
     (run / "predictions" / "adapter" / "val_blind.json").write_text(json.dumps(PREDICTIONS))
-    write_clip_embeddings(run / "clipscore_val.h5", model, preprocess, sorted(images.glob("*.jpg")),
-                          "tiny")
+    from models.encoders import EncoderConfig, encoder_id
+    made_by = encoder_id(EncoderConfig(kind="clip", name=str(world / "clip_tiny.pt")))
+    for name, model_id in (("clipscore_val.h5", made_by), ("other_clip.h5", "another CLIP")):
+        write_clip_embeddings(run / name, model, preprocess, sorted(images.glob("*.jpg")), model_id)
     world_params = {"data_root": str(world / "hw3_data"), "clip": str(world / "clip_tiny.pt")}
     monkeypatch.chdir(run)
     results = []
@@ -309,3 +314,9 @@ def test_stage_with_extracted_embeddings(world, monkeypatch):
     assert list(results[0]) == ["clipscore", "cider", "n_images", "cider_blind"]
     assert abs(results[0]["clipscore"] - results[1]["clipscore"]) < 1e-6
     assert results[0]["cider"] == results[1]["cider"]
+    # embeddings made by another CLIP than the scoring one are refused, naming the file
+    (run / "params.yaml").write_text(yaml.safe_dump({"world": world_params, "score": {
+        "metrics": ["clipscore", "cider"], "image_embeddings": "other_clip.h5"}}))
+    from models.features import FeatureFileError
+    with pytest.raises(FeatureFileError, match=r"other_clip\.h5: made by CLIP another CLIP"):
+        stage.main(["--variant", "adapter"])
