@@ -9,6 +9,8 @@ frozen model with a few trainable matrices costs ~2x its forward, not the usual 
 """
 from dataclasses import dataclass
 
+import torch
+
 H100_BF16_DENSE = 989e12     # H100 SXM datasheet, dense bf16/fp16 tensor cores
 
 
@@ -22,11 +24,19 @@ def vit_forward(tokens, width, layers, patch, mlp_ratio=4):
 
 
 def encoder_forward(encoder):
-    """vit_forward of a models.encoders.ImageEncoder (depth read off the module)."""
+    """FLOPs of one image through a models.encoders.ImageEncoder: vit_forward for a ViT (depth
+    read off the module); a CLIP ResNet tower (the demo CLIP) is counted by torch's FlopCounterMode
+    on one forward."""
     if hasattr(encoder, "model"):
         layers, patch = len(encoder.model.blocks), encoder.model.patch_embed.patch_size[0]
-    else:   # the openai CLIP tower
+    elif hasattr(encoder.visual, "transformer"):   # the openai CLIP ViT tower
         layers, patch = len(encoder.visual.transformer.resblocks), encoder.visual.conv1.kernel_size[0]
+    else:
+        from torch.utils.flop_counter import FlopCounterMode
+        param = next(encoder.parameters())
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            encoder(torch.zeros(1, 3, *encoder.image_size, device=param.device))
+        return counter.get_total_flops()
     return vit_forward(encoder.num_tokens, encoder.width, layers, patch)
 
 

@@ -27,6 +27,7 @@ from bench.train import IdTokenizer
 from models.caption_folder import caption_folder
 from models.decoding import DecodeConfig, generate
 from models.features import FeatureFile, write_features
+from models.imageio import list_images
 from models.training import (TrainConfig, frozen_linear_weights_in, make_optimizer,
                              on_device_if_fits, train_step)
 
@@ -209,7 +210,7 @@ def bench_end_to_end(img_dir, n_images, encoder, decoder, tokenizer, device, rep
     for name, dtype, batch, workers in settings:
         peak_reset(device)
         with autocast(device, dtype), Stopwatch(device) as sw:
-            captions, skipped = caption_folder(img_dir, encoder, model, tokenizer, cfg,
+            captions, skipped = caption_folder(list_images(img_dir), encoder, model, tokenizer, cfg,
                                                batch_size=batch, num_workers=workers, device=device)
         assert len(captions) == n_images and not skipped and all(captions.values())
         rate = n_images / sw.seconds

@@ -4,21 +4,19 @@ What hw3_2.sh runs. Readable images are batched through the encoder and decoded 
 unreadable ones are reported (one stderr line each) and returned, so the caller can still write
 the captions of all the others and signal the skip in its exit status.
 """
-import sys
-
 import torch
 from tqdm import tqdm
 
 from models.decoding import caption_text, generate
 from models.features import as_cached, image_names
-from models.imageio import image_loader, list_images, report_skip
+from models.imageio import image_loader, report_skip
 
 
 @torch.inference_mode()
-def caption_folder(img_dir, encoder, model, tokenizer, decode_config, batch_size=32,
+def caption_folder(paths, encoder, model, tokenizer, decode_config, batch_size=32,
                    num_workers=0, device="cpu", stream=None):
-    """Returns ({name without extension: caption}, [ImageReadError, ...])."""
-    paths = list_images(img_dir, stream=stream or sys.stderr)
+    """Caption the image files `paths` (models.imageio.list_images of a folder).
+    Returns ({name without extension: caption}, [ImageReadError, ...])."""
     names = image_names(paths)  # two files with one stem (a.jpg, a.png) are an error
     captions, skipped = {}, []
     loader = image_loader(paths, encoder.preprocess, batch_size, num_workers)

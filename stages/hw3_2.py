@@ -29,13 +29,13 @@ def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None, w
 
     out_json = Path(out_json)
     check_writable(out_json)
-    list_images(img_dir)   # a missing or empty folder fails before any model is loaded
+    paths = list_images(img_dir, stream=sys.stderr)   # no folder, no images: fail before loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if workers is None:   # decoding JPEGs in parallel pays when a GPU does the rest
         workers = min(8, os.cpu_count() or 1) if device.startswith("cuda") else 0
     r = load_release(release, decoder_bin, device)
     decode, default_batch = r.decode_settings()
-    captions, skipped = caption_folder(img_dir, r.encoder, r.model, r.tokenizer,
+    captions, skipped = caption_folder(paths, r.encoder, r.model, r.tokenizer,
                                        DecodeConfig.from_dict(decode, "release/selected.json decode"),
                                        batch_size or default_batch, num_workers=workers,
                                        device=device)
