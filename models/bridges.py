@@ -53,7 +53,7 @@ class CrossAttention(nn.Module):
             layer_cache.cross_k = split_heads(k, self.n_head)
             layer_cache.cross_v = split_heads(v, self.n_head)
         q = split_heads(self.q(self.ln(x)), self.n_head)
-        y, att = attend(q, layer_cache.cross_k, layer_cache.cross_v, None, capture)
+        y, att = attend(q, layer_cache.cross_k, layer_cache.cross_v, capture=capture)
         y = self.proj(merge_heads(y))
         if self.gate is not None:
             y = torch.tanh(self.gate) * y

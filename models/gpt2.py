@@ -78,10 +78,19 @@ def merge_heads(x):
     return x.transpose(1, 2).reshape(B, T, nh * hd)
 
 
-def attend(q, k, v, mask=None, capture=False):
-    """Scaled dot-product attention; with capture, also return the weights [B, nh, T, L]."""
+def attend(q, k, v, causal=False, capture=False):
+    """Scaled dot-product attention; with capture, also return the weights [B, nh, T, L].
+
+    causal: query i (the i-th new token) sees every key up to and including its own place, the
+    mask aligned to the lower right, so that past keys (a cache, prefix tuning) are seen by all."""
+    n_query, n_key = q.size(2), k.size(2)
+    causal = causal and n_query > 1  # a single new token sees every key
+    mask = causal_mask(n_query, n_key, q.device) if causal and (capture or n_query < n_key) else None
     if not capture:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+        # Square (training, a first step): SDPA's is_causal aligns to the upper left, which is then
+        # the lower right, and needs no mask tensor built per layer (on a GPU: the flash kernel).
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                              is_causal=causal and mask is None), None
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf"))
@@ -90,9 +99,7 @@ def attend(q, k, v, mask=None, capture=False):
 
 
 def causal_mask(n_query, n_key, device):
-    """Query i (the i-th new token) sees every key up to and including its own place."""
-    if n_query == 1:
-        return None
+    """[n_query, n_key], True where query i may see key j: j <= (n_key - n_query) + i."""
     past = n_key - n_query
     i = torch.arange(n_query, device=device)[:, None]
     j = torch.arange(n_key, device=device)[None, :]
@@ -113,7 +120,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))
         k, v = layer_cache.append(k, v)
-        y, att = attend(q, k, v, causal_mask(q.size(2), k.size(2), x.device), capture)
+        y, att = attend(q, k, v, causal=True, capture=capture)
         if self.adaption is not None:
             y = y + self.adaption(q, self)
         return self.c_proj(merge_heads(y)), att

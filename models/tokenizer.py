@@ -8,9 +8,11 @@ encoded as ordinary bytes ("<", "|", "end", "of", "text", "|", ">"), exactly lik
 `encode_ordinary`, so a caption cannot end itself early or smuggle in a start token.
 """
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import ByteLevelBPETokenizer
 from tokenizers.pre_tokenizers import ByteLevel
@@ -145,19 +147,19 @@ def caption_batch(token_lists, eot_id, max_len):
     token_lists = [list(t)[: max_len - 2] for t in token_lists]
     if not token_lists:
         raise ValueError("caption_batch needs at least one caption")
-    width = max(len(t) for t in token_lists) + 2
-    B = len(token_lists)
-    input_ids = torch.full((B, width), eot_id, dtype=torch.long)
-    targets = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((B, width), dtype=torch.long)
-    for i, toks in enumerate(token_lists):
-        n = len(toks)
-        t = torch.tensor(toks, dtype=torch.long)
-        input_ids[i, 1:n + 1] = t
-        targets[i, :n] = t
-        targets[i, n] = eot_id
-        attention_mask[i, :n + 2] = 1
-    return input_ids, targets, attention_mask
+    # Built with numpy in a few whole-array operations: per-row tensor writes were ~10 operator
+    # calls per caption, 20% of a training step's calls on the host (bench/ops.py).
+    lengths = np.array([len(t) for t in token_lists])
+    B, width = len(token_lists), int(lengths.max()) + 2
+    is_token = np.arange(width) < lengths[:, None]   # [B, width]: targets[i, j] is a caption token
+    targets = np.full((B, width), IGNORE_INDEX, dtype=np.int64)
+    targets[is_token] = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64,
+                                    count=int(lengths.sum()))   # row-major, as the lists run
+    targets[np.arange(B), lengths] = eot_id
+    input_ids = np.full((B, width), eot_id, dtype=np.int64)
+    input_ids[:, 1:][is_token[:, :-1]] = targets[:, :-1][is_token[:, :-1]]
+    attention_mask = (np.arange(width) < lengths[:, None] + 2).astype(np.int64)
+    return torch.from_numpy(input_ids), torch.from_numpy(targets), torch.from_numpy(attention_mask)
 
 
 def target_count(token_lists, max_len):

@@ -220,9 +220,10 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
                                   config, device, lr_at(step, total, config))
                 step += 1
                 n = target_count([t for _, t in batch], config.max_caption_tokens)
-                running += loss.item() * n   # averages over target tokens, as the loss itself
+                value = loss.item()   # one host-device sync per step
+                running += value * n   # averages over target tokens, as the loss itself
                 count += n
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{value:.3f}")
             val_loss, val_cider, _ = evaluate(model, val_pairs, tokenizer, config, device, subset)
             row = dict(epoch=epoch, train_loss=running / count, val_loss=val_loss, val_cider=val_cider,
                        seconds=round(time.time() - start, 1))

@@ -149,7 +149,10 @@ def test_cached_decoding_equals_full_forward():
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(3)
-        parts = [model(ids[:, :4], cache)] + [model(ids[:, t:t + 1], cache) for t in range(4, 9)]
+        # 4 tokens (square: SDPA's is_causal), 3 after 4 past keys (the lower-right mask),
+        # then one at a time (no mask)
+        parts = [model(ids[:, :4], cache), model(ids[:, 4:7], cache)]
+        parts += [model(ids[:, t:t + 1], cache) for t in range(7, 9)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
     assert cache.text_len == 9
     with pytest.raises(ValueError, match="exceeds block_size 16"):

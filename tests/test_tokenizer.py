@@ -1,5 +1,6 @@
 """The real GPT-2 tokenizer path, on the shared copy of GPT-2's encoder.json / vocab.bpe."""
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,21 @@ def test_caption_batch_truncates_to_max_len_and_keeps_the_end_target():
     assert inp.tolist() == [[99, 99]] and tgt.tolist() == [[99, -100]]
     with pytest.raises(ValueError, match="max_len"):
         caption_batch([[1]], eot_id=99, max_len=1)
+
+
+def test_caption_batch_rows_equal_the_layout_built_caption_by_caption():
+    rng = random.Random(0)
+    captions = [[rng.randrange(1, 500) for _ in range(rng.randint(0, 12))] for _ in range(50)]
+    eot, max_len = 999, 10
+    inp, tgt, mask = caption_batch(captions, eot_id=eot, max_len=max_len)
+    width = min(max(map(len, captions)), max_len - 2) + 2
+    assert inp.shape == tgt.shape == mask.shape == (50, width)
+    for row, caption in enumerate(captions):
+        kept = caption[:max_len - 2]
+        pad = width - len(kept) - 2
+        assert inp[row].tolist() == [eot] + kept + [eot] * (pad + 1)
+        assert tgt[row].tolist() == kept + [eot] + [IGNORE_INDEX] * (pad + 1)
+        assert mask[row].tolist() == [1] * (len(kept) + 2) + [0] * pad
 
 
 def _write_vocab(folder, encoder, merges_text):

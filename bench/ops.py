@@ -1,0 +1,92 @@
+"""ATen operator calls per training step, per PEFT variant: what bounds training on a GPU.
+
+On an H100 a real-size training step of batch 64 is launch-bound (docs/performance.md): the
+host spends ~70 ms issuing ~1100 kernels while the GPU computes for ~17 ms, so every operator
+call saved is host time saved. The number of calls per step does not depend on the batch size
+(since caption_batch pads with whole-array operations) and barely on the device (the CPU's and
+the GPU's autocast and attention kernels differ in a few calls), so it is counted here on the
+CPU, exactly, at a small batch: the second step as models.training runs it on a GPU
+(bf16 autocast, frozen Linear weights stored bf16, fused AdamW, gradient clipping), the batch's
+host-side preparation (caption padding, feature gather) included.
+
+    python -m bench.ops                      # real size, every variant, ~20 s on 2 cores
+    python -m bench.ops --size demo
+
+"calls" counts every operator; "non-view" leaves out views (view, transpose, split, detach ...),
+which only make a new tensor header; the non-view calls run a kernel (on the GPU, or on the host
+for the batch's preparation).
+"""
+import argparse
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.common import build_variant, demo_decoder, random_captions, real_decoder
+from bench.train import IdTokenizer
+from models.training import TrainConfig, frozen_linear_weights_in, make_optimizer, train_step
+
+VARIANTS = ["gated_cross:lora", "gated_cross:adapter", "gated_cross:prefix", "gated_cross:prompt",
+            "gated_cross:adaption", "prefix:lora"]
+SIZES = {"real": (real_decoder, 257, 1024), "demo": (demo_decoder, 10, 128)}   # visual tokens, width
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside, by (name, is a view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func.overloadpacket), func.is_view] += 1
+        return func(*args, **(kwargs or {}))
+
+    def total(self, views=True):
+        return sum(n for (_, is_view), n in self.calls.items() if views or not is_view)
+
+
+def count_step(decoder, variant, visual_tokens, visual_width, batch_size):
+    """(OperatorCounter of the second training step, number of trainable tensors)."""
+    model = build_variant(decoder, variant, visual_width, visual_tokens, perturb=True).train()
+    tokens = torch.randn(batch_size, visual_tokens, visual_width).half()
+    tokenizer = IdTokenizer()
+    tokenizer.eot_id = decoder.config.vocab_size - 1
+    captions = random_captions(batch_size, decoder.config.vocab_size, seed=1)
+    batch = list(zip(range(batch_size), captions))
+    config = TrainConfig(batch_size=batch_size, precision="bf16")
+    optimizer, params = make_optimizer(model, config, fused=True)
+    counter = OperatorCounter()
+    with frozen_linear_weights_in(model, torch.bfloat16):
+        step = lambda: train_step(model, optimizer, params, batch, tokens, tokenizer, config,
+                                  torch.device("cpu"), config.lr)
+        step()   # the first step creates the optimiser state
+        with counter:
+            step()
+    return counter, len(params)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=SIZES, default="real")
+    ap.add_argument("--variants", nargs="+", default=VARIANTS)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--top", type=int, default=0, help="also list each variant's most called non-view operators")
+    args = ap.parse_args()
+    make_decoder, visual_tokens, visual_width = SIZES[args.size]
+    decoder, about = make_decoder()
+    print(f"{args.size} size: {about}; {visual_tokens} x {visual_width} image tokens; "
+          f"batch {args.batch_size}\n")
+    print("| variant | trainable tensors | operator calls / step | non-view calls / step |")
+    print("|---|---:|---:|---:|")
+    for variant in args.variants:
+        counter, n_params = count_step(decoder, variant, visual_tokens, visual_width, args.batch_size)
+        print(f"| {variant} | {n_params} | {counter.total():,} | {counter.total(views=False):,} |",
+              flush=True)
+        non_view = Counter({name: n for (name, is_view), n in counter.calls.items() if not is_view})
+        for name, n in non_view.most_common(args.top):
+            print(f"|   {name} | | | {n} |")
+
+
+if __name__ == "__main__":
+    main()
