@@ -157,7 +157,7 @@ def caption_batch(token_lists, eot_id, max_len):
                                     count=int(lengths.sum()))   # row-major, as the lists run
     targets[np.arange(B), lengths] = eot_id
     input_ids = np.full((B, width), eot_id, dtype=np.int64)
-    input_ids[:, 1:][is_token[:, :-1]] = targets[:, :-1][is_token[:, :-1]]
+    input_ids[:, 1:] = np.where(is_token[:, :-1], targets[:, :-1], eot_id)   # inputs: targets shifted
     attention_mask = (np.arange(width) < lengths[:, None] + 2).astype(np.int64)
     return torch.from_numpy(input_ids), torch.from_numpy(targets), torch.from_numpy(attention_mask)
 
