@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Fetch what hw3_2.sh needs in the real world: the release/ folder that `dvc repro select` made
-# on the training machine (the selected trainable checkpoint, its vocabulary and settings).
-# It comes from the DVC remote configured once by whoever trained, e.g.
-#   dvc remote add -d storage s3://bucket/hw3     (or a shared folder: /mnt/share/hw3-dvc)
+# Fetch what hw3_1.sh and hw3_2.sh need in the real world, so that both then run offline:
+# 1. the release/ folder that `dvc repro select` made on the training machine (the selected
+#    trainable checkpoint, its vocabulary and settings), from the DVC remote;
+# 2. the pretrained weights they load: the released captioner's image encoder (timm or CLIP) and
+#    the zero-shot CLIP of params.yaml, into timm's and CLIP's caches (stages/hw3_prefetch.py).
+# Whoever trained sets the remote up once, then commits it with the real world's lock file:
+#   dvc remote add -d storage /mnt/share/hw3-dvc     (a shared folder; for s3://... first
+#                                                     `pip install dvc-s3` into .venv)
 #   dvc push select
-# The frozen image encoder's weights come from timm's or CLIP's own cache (download them once on a
-# machine with a network: python -c "import timm; timm.create_model('NAME', pretrained=True)").
+#   git add .dvc/config dvc.lock params.yaml && git commit -m "real-world release" && git push
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PATH="$(pwd)/.venv/bin:${PATH}"
@@ -18,3 +21,4 @@ if ! dvc remote list | grep -q .; then
     exit 1
 fi
 dvc pull select
+HF_HUB_OFFLINE=0 scripts/run_module.sh stages.hw3_prefetch

@@ -99,7 +99,8 @@ class CaptionerShape:
         if self.cross_layers and self.bridge != "prefix":
             trainable += self.cross_layers * (2 * 2 * n_query * C * C)        # q, proj
             frozen += self.cross_layers * 4 * n_query * self.visual_tokens * C  # scores, mix
-        trainable += L * 2 * n_query * (C * self.lora_rank + self.lora_rank * self.lora_width)
+        # x A^T ([C] -> r per enabled part) then a B^T per part (r -> C): r x lora_width each
+        trainable += L * 2 * n_query * 2 * self.lora_rank * self.lora_width
         trainable += L * self.adapter_per_block * 2 * 2 * n_query * C * self.adapter_size
         frozen += L * 4 * n_query * self.adaption_length * C
         return frozen + trainable, trainable

@@ -283,7 +283,8 @@ def main(argv=None):
                        args.decode_tokens, args.beam, args.tuned)
         if "e2e" not in args.skip:
             bench_end_to_end(paths[0].parent, n, encoder, decoder, tokenizer, device, report,
-                             [("fp32 (as hw3_2.py runs it)", None, 32, 0),
+                             [("fp32 (as hw3_2.py ran it before its loader workers and fp16 "
+                               "encoder)", None, 32, 0),
                               ("autocast bf16", torch.bfloat16, 128, args.workers)],
                              args.decode_tokens, args.beam)
     print(f"\nall done in {time.time() - start:.0f} s; peak = {flops.H100_BF16_DENSE / 1e12:.0f} "

@@ -40,11 +40,10 @@ def in_repository(path):
     return path
 
 
-def load_release(release, decoder_bin, device="cpu"):
-    """The released captioner around the frozen GPT-2 at `decoder_bin`, every part checked to fit:
-    vocabulary (by content hash) and image encoder (by encoder id) against the checkpoint."""
-    release = Path(release)
-    selected_path = release / "selected.json"
+def read_selected(release):
+    """(selected.json as a dict, the released image encoder's EncoderConfig), its file paths made
+    absolute against the repository (the demo CLIP, timm weights): hw3_2.sh runs anywhere."""
+    selected_path = Path(release) / "selected.json"
     try:
         selected = json.loads(selected_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -56,16 +55,23 @@ def load_release(release, decoder_bin, device="cpu"):
     if missing:
         raise ReleaseError(f"{selected_path}: no {' or '.join(map(repr, missing))} entry: "
                            "re-run `dvc repro select`")
-    model, _ = load_captioner(release / "captioner.safetensors", decoder_bin, device)
-    tokenizer = Tokenizer.from_files(release / "encoder.json", release / "vocab.bpe")
-    if tokenizer.identity != model.config.tokenizer_id:
-        raise ReleaseError(f"{release}: encoder.json/vocab.bpe are not the checkpoint's vocabulary")
     encoder_config = EncoderConfig.from_dict(selected["encoder"], f"{selected_path} encoder")
-    # files named relative to the repository (the demo CLIP, timm weights): hw3_2.sh runs anywhere
     if encoder_config.kind == "clip":
         encoder_config.name = in_repository(encoder_config.name)
     if encoder_config.weights is not None:
         encoder_config.weights = in_repository(encoder_config.weights)
+    return selected, encoder_config
+
+
+def load_release(release, decoder_bin, device="cpu"):
+    """The released captioner around the frozen GPT-2 at `decoder_bin`, every part checked to fit:
+    vocabulary (by content hash) and image encoder (by encoder id) against the checkpoint."""
+    release = Path(release)
+    selected, encoder_config = read_selected(release)
+    model, _ = load_captioner(release / "captioner.safetensors", decoder_bin, device)
+    tokenizer = Tokenizer.from_files(release / "encoder.json", release / "vocab.bpe")
+    if tokenizer.identity != model.config.tokenizer_id:
+        raise ReleaseError(f"{release}: encoder.json/vocab.bpe are not the checkpoint's vocabulary")
     if encoder_id(encoder_config) != model.config.encoder_id:
         raise ReleaseError(f"image encoder {encoder_config.name}: not the one the checkpoint was "
                            f"trained on ({model.config.encoder_id})")

@@ -1,6 +1,6 @@
 """The `world:` section of params.yaml: where the data and the pretrained weights are.
 
-The demo world and the course's real world differ only here (see README, "Switching worlds").
+The demo world and the course's real world differ only here (see README, "The two worlds").
 """
 from dataclasses import dataclass
 from pathlib import Path

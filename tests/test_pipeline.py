@@ -171,3 +171,31 @@ def test_select_picks_the_best_cider_then_clipscore():
     assert best_variant({"a": {"cider": 1.0, "clipscore": 0.9}, "b": {"cider": 1.0, "clipscore": 0.8}}) == "a"
     # score.metrics without clipscore: CIDEr alone decides (ties: the first name)
     assert best_variant({"b": {"cider": 1.0}, "a": {"cider": 1.0}, "c": {"cider": 0.5}}) == "a"
+
+
+def prefetch(release, params, **env):
+    return subprocess.run(
+        [str(REPO / "scripts/run_module.sh"), "stages.hw3_prefetch", "--release", str(release),
+         "--params", str(params)], capture_output=True, text=True, env={**os.environ, **env})
+
+
+def test_prefetch_loads_the_released_encoder_and_the_zero_shot_clip(ran, tmp_path):
+    """What hw3_download.sh runs after `dvc pull select`: both models load through hw3's own code."""
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"zeroshot": {"clip": str(ran / "clip.pt")}}))
+    result = prefetch(ran / "release", params)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ready: ") == 2 and "clip.pt" in result.stdout
+
+
+def test_prefetch_names_the_encoder_it_cannot_fetch(ran, tmp_path):
+    release = tmp_path / "release"
+    shutil.copytree(ran / "release", release)
+    selected = json.loads((release / "selected.json").read_text())
+    selected["encoder"] = {"kind": "timm", "name": "vit_tiny_patch16_224"}   # not in any cache here
+    (release / "selected.json").write_text(json.dumps(selected))
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"zeroshot": {"clip": str(ran / "clip.pt")}}))
+    result = prefetch(release, params, HF_HUB_OFFLINE="1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "hw3_2 image encoder: timm vit_tiny_patch16_224" in result.stderr, result.stderr

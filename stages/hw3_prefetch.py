@@ -1,0 +1,63 @@
+"""Fetch the pretrained weights that hw3_1.sh and hw3_2.sh load, so that both then run offline.
+
+    python -m stages.hw3_prefetch [--release release] [--params params.yaml]
+
+hw3_download.sh runs this after `dvc pull select`, with the network allowed. It loads the released
+captioner's image encoder (release/selected.json) and the zero-shot CLIP (params.yaml
+`zeroshot.clip`) once, through the same code hw3_2.sh and hw3_1.sh use: timm and CLIP download
+what is not in their caches yet (~/.cache/huggingface, ~/.cache/clip). Local files (the demo
+world's CLIP) are only checked to load. Exit status 0, or 1 with one line naming what failed.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class PrefetchError(Exception):
+    pass
+
+
+def prefetch(release, params):
+    """Load both models once; returns a line per model saying what was loaded. Errors name the
+    model that could not be loaded."""
+    from models.clip_io import CheckpointError as ClipFileError
+    from models.clip_io import load_clip
+    from models.encoders import EncoderError, build_encoder
+    from models.release import read_selected
+    from stages.hw3_1 import load_config
+
+    _, encoder_config = read_selected(release)
+    what = f"hw3_2 image encoder: {encoder_config.kind} {encoder_config.name}"
+    try:
+        encoder = build_encoder(encoder_config)
+    except (EncoderError, OSError, ValueError) as e:
+        raise PrefetchError(f"{what}: {e}") from e
+    clip_name = load_config(params).clip
+    try:
+        load_clip(clip_name)
+    except (ClipFileError, OSError, ValueError) as e:
+        raise PrefetchError(f"hw3_1 zero-shot CLIP {clip_name}: {e}") from e
+    return [f"{what} ({encoder.num_tokens} tokens x {encoder.width})",
+            f"hw3_1 zero-shot CLIP: {clip_name}"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--release", default=str(ROOT / "release"))
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    args = ap.parse_args(argv)
+
+    from models.release import ReleaseError
+    try:
+        for line in prefetch(args.release, args.params):
+            print(f"ready: {line}")
+    except (PrefetchError, ReleaseError, ValueError, OSError) as e:
+        print(f"hw3_prefetch: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
