@@ -7,7 +7,8 @@ call saved is host time saved. The number of calls per step does not depend on t
 the GPU's autocast and attention kernels differ in a few calls), so it is counted here on the
 CPU, exactly, at a small batch: the second step as models.training runs it on a GPU
 (bf16 autocast, frozen Linear weights stored bf16, fused AdamW, gradient clipping), the batch's
-host-side preparation (caption padding, feature gather) included.
+preparation included (caption padding and the CPU feature gather run in numpy, which makes no
+operator calls; on a GPU the gather and the copies to it add a few).
 
     python -m bench.ops                      # real size, every variant, ~20 s on 2 cores
     python -m bench.ops --size demo

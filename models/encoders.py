@@ -78,6 +78,8 @@ class EncoderConfig:
             return from_section(cls, d, source)
         except ValueError as e:
             raise EncoderError(str(e)) from None
+        except EncoderError as e:   # __post_init__'s checks do not know where the values came from
+            raise EncoderError(f"{source}: {e}") from None
 
 
 def file_sha256(path, chunk=1 << 20):

@@ -20,25 +20,26 @@ class PrefetchError(Exception):
 
 
 def prefetch(release, params):
-    """Load both models once; returns a line per model saying what was loaded. Errors name the
-    model that could not be loaded."""
-    from models.clip_io import CheckpointError as ClipFileError
+    """Load both models once; returns a line per model saying what was loaded. Any failure is
+    raised as a PrefetchError naming the model: downloads fail in many ways (proxies, dropped
+    connections, a gated repository), none of which should end in a traceback."""
     from models.clip_io import load_clip
-    from models.encoders import EncoderError, build_encoder
+    from models.encoders import build_encoder
     from models.release import read_selected
     from stages.hw3_1 import load_config
 
-    _, encoder_config = read_selected(release)
+    def load(what, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:   # not BaseException: Ctrl-C still stops it
+            message = " ".join(str(e).split())   # one line
+            raise PrefetchError(f"{what}{type(e).__name__}: {message}") from e
+
+    _, encoder_config = load("", read_selected, release)   # its errors name the file
     what = f"hw3_2 image encoder: {encoder_config.kind} {encoder_config.name}"
-    try:
-        encoder = build_encoder(encoder_config)
-    except (EncoderError, OSError, ValueError) as e:
-        raise PrefetchError(f"{what}: {e}") from e
-    clip_name = load_config(params).clip
-    try:
-        load_clip(clip_name)
-    except (ClipFileError, OSError, ValueError) as e:
-        raise PrefetchError(f"hw3_1 zero-shot CLIP {clip_name}: {e}") from e
+    encoder = load(f"{what}: ", build_encoder, encoder_config)
+    clip_name = load("", lambda p: load_config(p).clip, params)
+    load(f"hw3_1 zero-shot CLIP {clip_name}: ", load_clip, clip_name)
     return [f"{what} ({encoder.num_tokens} tokens x {encoder.width})",
             f"hw3_1 zero-shot CLIP: {clip_name}"]
 
@@ -49,11 +50,10 @@ def main(argv=None):
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     args = ap.parse_args(argv)
 
-    from models.release import ReleaseError
     try:
         for line in prefetch(args.release, args.params):
             print(f"ready: {line}")
-    except (PrefetchError, ReleaseError, ValueError, OSError) as e:
+    except PrefetchError as e:
         print(f"hw3_prefetch: error: {e}", file=sys.stderr)
         return 1
     return 0

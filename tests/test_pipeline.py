@@ -188,14 +188,19 @@ def test_prefetch_loads_the_released_encoder_and_the_zero_shot_clip(ran, tmp_pat
     assert result.stdout.count("ready: ") == 2 and "clip.pt" in result.stdout
 
 
-def test_prefetch_names_the_encoder_it_cannot_fetch(ran, tmp_path):
+@pytest.mark.parametrize("encoder, message", [
+    ({"kind": "timm", "name": "vit_tiny_patch16_224"},   # in no cache here, and no network
+     "hw3_2 image encoder: timm vit_tiny_patch16_224: "),
+    ({"kind": "timn", "name": "x"}, "selected.json encoder: encoder config: kind must be"),
+])
+def test_prefetch_names_what_it_cannot_load_in_one_line(ran, tmp_path, encoder, message):
     release = tmp_path / "release"
     shutil.copytree(ran / "release", release)
     selected = json.loads((release / "selected.json").read_text())
-    selected["encoder"] = {"kind": "timm", "name": "vit_tiny_patch16_224"}   # not in any cache here
+    selected["encoder"] = encoder
     (release / "selected.json").write_text(json.dumps(selected))
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"zeroshot": {"clip": str(ran / "clip.pt")}}))
     result = prefetch(release, params, HF_HUB_OFFLINE="1")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "hw3_2 image encoder: timm vit_tiny_patch16_224" in result.stderr, result.stderr
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
