@@ -6,7 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
-HF_HUB_OFFLINE ?= 1   # offline unless you set it (the real world's first run may need to download)
+# offline unless you set it (a real-world first run may need to download pretrained weights)
+HF_HUB_OFFLINE ?= 1
 export HF_HUB_OFFLINE
 
 .PHONY: env java repro test
