@@ -28,18 +28,18 @@ def prefetch(release, params):
     from models.release import read_selected
     from stages.hw3_1 import load_config
 
-    def load(what, fn, *args):
+    def load(fn, arg, what=None):
         try:
-            return fn(*args)
+            return fn(arg)
         except Exception as e:   # not BaseException: Ctrl-C still stops it
-            message = " ".join(str(e).split())   # one line
-            raise PrefetchError(f"{what}{type(e).__name__}: {message}") from e
+            message = f"{type(e).__name__}: {' '.join(str(e).split())}"   # one line
+            raise PrefetchError(f"{what}: {message}" if what else message) from e
 
-    _, encoder_config = load("", read_selected, release)   # its errors name the file
+    _, encoder_config = load(read_selected, release)   # these errors name the file themselves
+    clip_name = load(lambda p: load_config(p).clip, params)
     what = f"hw3_2 image encoder: {encoder_config.kind} {encoder_config.name}"
-    encoder = load(f"{what}: ", build_encoder, encoder_config)
-    clip_name = load("", lambda p: load_config(p).clip, params)
-    load(f"hw3_1 zero-shot CLIP {clip_name}: ", load_clip, clip_name)
+    encoder = load(build_encoder, encoder_config, what)
+    load(load_clip, clip_name, f"hw3_1 zero-shot CLIP {clip_name}")
     return [f"{what} ({encoder.num_tokens} tokens x {encoder.width})",
             f"hw3_1 zero-shot CLIP: {clip_name}"]
 
