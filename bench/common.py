@@ -37,6 +37,19 @@ COURSE_IMAGE = (640, 480)  # typical size of the course's COCO/Flickr images
 DEMO_IMAGE = (64, 64)
 
 
+def add_device_args(parser):
+    """--device and --threads, shared by the CPU-first benchmarks (see `use_device`)."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="torch CPU threads")
+
+
+def use_device(args):
+    """torch.device(args.device), with torch's CPU threads set to args.threads."""
+    torch.set_num_threads(args.threads)
+    return torch.device(args.device)
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -9,12 +9,11 @@ Both decoders run the same model forward; the end token is suppressed until --ma
 that both do exactly the same amount of work (and the same tokens come out: checked).
 """
 import argparse
-import os
 import time
 
 import torch
 
-from bench.common import build_variant, demo_decoder, real_decoder
+from bench.common import add_device_args, build_variant, demo_decoder, real_decoder, use_device
 from models.decoding import DecodeConfig, generate
 
 
@@ -74,11 +73,9 @@ def main(argv=None):
     p.add_argument("--demo-visual-width", type=int, default=128)
     p.add_argument("--skip-demo", action="store_true")
     p.add_argument("--skip-real", action="store_true")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    add_device_args(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = use_device(args)
     print(f"device {device}, {args.threads} threads, {args.max_new_tokens} new tokens per caption")
 
     rows = []

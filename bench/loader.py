@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from bench.common import build_variant, demo_decoder, fmt_rate, random_captions, real_decoder, sync
+from bench.common import (add_device_args, build_variant, demo_decoder, fmt_rate, random_captions,
+                          real_decoder, sync, use_device)
 from bench.train import IdTokenizer
 from models.features import FORMAT_VERSION, LIBVER, FeatureFile
 from models.training import TrainConfig, gather_rows, make_optimizer, train_step
@@ -124,12 +125,10 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=0, help="0: demo 64, real 8")
     p.add_argument("--seconds", type=float, default=3.0, help="per loader measurement")
     p.add_argument("--train-steps", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    add_device_args(p)
     p.add_argument("--tmp", default=None, help="folder for the synthetic files (default: a temp dir)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = use_device(args)
     print(f"device {device}, {args.threads} CPU threads, {os.cpu_count()} cores visible")
     rows_out = []
     with tempfile.TemporaryDirectory(prefix="bench_loader_", dir=args.tmp) as tmp:

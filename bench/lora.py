@@ -12,13 +12,13 @@ The beam search's token ids are compared between the two (their sums differ only
 """
 import argparse
 import contextlib
-import os
 import random
 
 import loralib
 import torch
 
-from bench.common import Stopwatch, build_variant, demo_decoder, random_captions, real_decoder
+from bench.common import (Stopwatch, add_device_args, build_variant, demo_decoder, random_captions,
+                          real_decoder, use_device)
 from bench.train import time_source
 from models.decoding import DecodeConfig, generate
 from models.peft.lora import MergedLinear
@@ -84,11 +84,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed training steps per round")
     p.add_argument("--new-tokens", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    add_device_args(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = use_device(args)
     print(f"device {device}, {args.threads} CPU threads, best of {args.rounds} rounds")
     lines = [f"{'size':<5} {'measured':<26} {'loralib cap/s':>14} {'low-rank cap/s':>15} "
              f"{'speed-up':>9}  same beam ids"]

@@ -16,7 +16,6 @@ autocast bf16 on GPU) fed from three sources of image tokens:
 Batches are (image, caption) pairs with images drawn at random, as in an epoch over captions.
 """
 import argparse
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,9 +24,9 @@ from pathlib import Path
 import torch
 
 from bench import flops
-from bench.common import (COURSE_IMAGE, DEMO_IMAGE, Stopwatch, build_variant, demo_decoder,
-                          demo_encoder, fmt_rate, random_captions, real_decoder, real_encoder,
-                          sync, write_jpegs)
+from bench.common import (COURSE_IMAGE, DEMO_IMAGE, Stopwatch, add_device_args, build_variant,
+                          demo_decoder, demo_encoder, fmt_rate, random_captions, real_decoder,
+                          real_encoder, sync, use_device, write_jpegs)
 from models.features import FeatureFile, write_features
 from models.imageio import load_rgb
 from models.training import TrainConfig, make_optimizer, train_step
@@ -183,15 +182,13 @@ def parser():
     p.add_argument("--steps", type=int, default=3, help="timed steps per source")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per source, first round")
     p.add_argument("--rounds", type=int, default=2, help="rounds over the sources; best kept")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    add_device_args(p)
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = use_device(args)
     print(f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
           f"{args.threads} CPU threads, {args.steps} timed steps per source and round, "
           f"{args.rounds} rounds (best kept), {args.warmup} warm-up steps")
