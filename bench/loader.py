@@ -75,9 +75,8 @@ def loader_rate(features, batch_size, workers, seconds, seed=0):
     while time.perf_counter() - start < seconds:
         try:
             n += len(next(it))
-        except StopIteration:
+        except StopIteration:   # a new epoch: its restart is part of the rate
             it = iter(loader)
-            next(it)
     rate = n / (time.perf_counter() - start)
     del it, loader
     return rate
@@ -136,6 +135,8 @@ def main(argv=None):
             T, D, grid, px = SIZES[size]
             n = args.demo_rows if size == "demo" else args.real_rows
             batch = args.batch_size or (64 if size == "demo" else 8)
+            if n < batch:
+                p.error(f"--{size}-rows {n} is fewer than one batch of {batch}")
             path = synthetic_feature_file(Path(tmp) / f"{size}.h5", n, T, D, grid, px)
             features = FeatureFile(path)
             mb = n * T * D * 2 / 2**20

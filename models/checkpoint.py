@@ -56,6 +56,12 @@ def load_trainable(model, path):
     Call before model.eval(). Every trainable tensor must arrive, nothing else may come.
     """
     config, tensors, extra = read_checkpoint(path)
+    _copy_trainable(model, path, config, tensors)
+    return extra
+
+
+def _copy_trainable(model, path, config, tensors):
+    """Copy a checkpoint's tensors (read from `path`) into `model`, after checking they fit."""
     diff = config_differences(config, model.config)
     if diff:
         raise CheckpointError(f"{path}: made for another model configuration: " + "; ".join(diff))
@@ -70,16 +76,15 @@ def load_trainable(model, path):
                 raise CheckpointError(f"{path}: '{name}' has shape {tuple(tensors[name].shape)}, "
                                       f"the model expects {tuple(param.shape)}")
             param.copy_(tensors[name])
-    return extra
 
 
 def load_captioner(path, decoder_bin, device="cpu"):
     """Rebuild a Captioner from a trainable checkpoint and the frozen decoder's course file."""
-    config, _, _ = read_checkpoint(path)
+    config, tensors, extra = read_checkpoint(path)
     decoder = load_course_checkpoint(decoder_bin, n_head=config.decoder.n_head)
     if decoder.config != config.decoder:
         raise CheckpointError(f"{decoder_bin}: this decoder does not fit checkpoint {path}: "
                               + "; ".join(config_differences(config.decoder, decoder.config)))
     model = Captioner(config, decoder)
-    extra = load_trainable(model, path)
+    _copy_trainable(model, path, config, tensors)
     return model.to(device).eval(), extra
