@@ -16,9 +16,8 @@ import yaml
 
 from models.attention_maps import pyplot, save_figure
 
-METRICS = (("cider", "CIDEr"), ("cider_course", "CIDEr (course)"), ("clipscore", "CLIPScore"),
-           ("bleu4", "BLEU-4"), ("meteor", "METEOR"), ("rougeL", "ROUGE-L"),
-           ("cider_blind", "blind CIDEr"))
+METRICS = (("cider", "CIDEr"), ("clipscore", "CLIPScore"), ("bleu4", "BLEU-4"),
+           ("meteor", "METEOR"), ("rougeL", "ROUGE-L"), ("cider_blind", "blind CIDEr"))
 PARAM_SECTIONS = ("world", "extract", "bridge", "peft", "variants", "train", "decode", "visualize")
 
 
@@ -169,10 +168,9 @@ def variants_section(variants, selected):
         "## Captioning (problem 2): every PEFT variant",
         "",
         f"Scores on the val split ({', '.join(fmt(n) for n in sorted(n_images, key=str))} images). "
-        "*CIDEr*: coco-caption CIDEr-D on PTBTokenizer words (what selects the released variant); "
-        "*CIDEr (course)*: the number the course's `p2_evaluate.py` prints, compare it with the "
-        "course's baselines (it counts character n-grams, see `models/scoring.py`); *CLIPScore* as "
-        "`p2_evaluate.py` computes it; *blind CIDEr* is the same model captioning val with the "
+        "*CIDEr* (coco-caption CIDEr-D on PTBTokenizer words; it selects the released variant) "
+        "and *CLIPScore* as the course's `p2_evaluate.py` computes them; "
+        "*blind CIDEr* is the same model captioning val with the "
         "images shuffled across it: what the language model scores without looking.",
         "",
         table(headers, rows),

@@ -3,13 +3,12 @@ METEOR and ROUGE-L from coco-caption (pycocoevalcap).
 
 - CIDEr (`cider`): coco-caption CIDEr-D (n=4, sigma=6) over PTBTokenizer output (Java; lower-cased,
   punctuation dropped) of the predictions and all references of the scored images; document
-  frequencies come from those references.
-- Course CIDEr (`cider_course`): what the course's p2_evaluate.py actually prints. It calls
-  `language_evaluation.CocoEvaluator(coco_types=["CIDEr"]).run_evaluation(predicts, answers)` with
-  plain strings, and that library does `' '.join(caption)` first, so its tokens are CHARACTERS
-  (its README's example, CIDEr 6.3085 for 'i am a boy' vs 'am i a boy ?', is only reproduced this
-  way). We keep both: `cider` is the standard word-level CIDEr-D, `cider_course` the number the
-  course compares against its baselines.
+  frequencies come from those references. This is what the course's p2_evaluate.py prints: it
+  calls `language_evaluation.CocoEvaluator(coco_types=["CIDEr"]).run_evaluation(predicts, answers)`,
+  which runs the same PTBTokenizer and Cider on the plain strings. (Early versions of that library
+  first did `' '.join(caption)`, counting character n-grams: its README then gave CIDEr 6.3085 for
+  'i am a boy' vs 'am i a boy ?'. The version with `CocoEvaluator(tokenization_fn=...)` dropped the
+  join and its README gives 3.3333, with BLEU-4 1.4287e-08: the numbers `cider` and `bleu4` give.)
 - CLIPScore (`clipscore`): per image 2.5 * max(cos(image_features, text_features), 0) with the CLIP
   model's own preprocess and `clip.tokenize(caption)` (never truncated: a caption that does not fit
   raises, naming the image), averaged over images. (The course's code crashes rather than clip: its
@@ -43,7 +42,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 METRICS = ("cider", "clipscore", "bleu4", "meteor", "rougeL")
-ALL_METRICS = METRICS + ("cider_course",)
 CLIPSCORE_WEIGHT = 2.5
 
 # Characters Java reads as line ends: each would split a caption over two PTBTokenizer lines.
@@ -188,15 +186,13 @@ def _tokenize_grouped(groups):
     return {k: [next(toks) for _ in caps] for k, caps in groups.items()}
 
 
-def tokenize_pair(predictions, references, names, char_level=False):
+def tokenize_pair(predictions, references, names):
     """Tokenize as coco-caption does (references and predictions in separate runs).
 
-    char_level=True first applies language_evaluation's `' '.join(caption)` (the course's CIDEr).
     Returns (gts, res): {name: [tokens of each reference]}, {name: [tokens of the prediction]}.
     """
-    prep = (lambda s: " ".join(s)) if char_level else (lambda s: s)
-    gts = _tokenize_grouped({n: [prep(c) for c in references[n]] for n in names})
-    res = _tokenize_grouped({n: [prep(predictions[n])] for n in names})
+    gts = _tokenize_grouped({n: references[n] for n in names})
+    res = _tokenize_grouped({n: [predictions[n]] for n in names})
     return gts, res
 
 
@@ -351,9 +347,9 @@ def score_captions(predictions, references, clip_model=None, preprocess=None, im
     course's rule, that is all of them). Returns (summary, per_image): summary {metric: value,
     "n_images": n}; per_image {name: {"caption": ..., metric: value, ...}}.
     """
-    unknown = set(metrics) - set(ALL_METRICS)
+    unknown = set(metrics) - set(METRICS)
     if unknown:
-        raise ValueError(f"unknown metric(s) {sorted(unknown)}; known: {list(ALL_METRICS)}")
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; known: {list(METRICS)}")
     check_predictions(predictions, references, allow_subset=allow_subset)
     names = list(predictions)
     summary, per_image = {}, {n: {"caption": predictions[n]} for n in names}
@@ -369,8 +365,6 @@ def score_captions(predictions, references, clip_model=None, preprocess=None, im
         for m in metrics:
             if m in word:
                 keep(m, word[m](gts, res))
-    if "cider_course" in metrics:
-        keep("cider_course", cider(*tokenize_pair(predictions, references, names, char_level=True)))
     if "clipscore" in metrics:
         if clip_model is None:
             raise ValueError("metric 'clipscore' needs a CLIP model")

@@ -4,7 +4,7 @@ Reads predictions/<variant>/val.json and the references <world.data_root>/p2_dat
 params.yaml:
     world:  {data_root: ..., clip: ...}          # the hw3_data folder; CLIP for CLIPScore
     score:
-      metrics: [cider, clipscore, bleu4, meteor, rougeL]   # (+ cider_course: see models/scoring.py)
+      metrics: [cider, clipscore, bleu4, meteor, rougeL]
       clip: null                # overrides world.clip
       image_embeddings: null    # e.g. features/clipscore_val.h5 from the extract stage; null:
                                 # encode <data_root>/p2_data/images/val/{name}.jpg as the course does
