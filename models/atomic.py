@@ -46,11 +46,22 @@ def atomic_path(path):
             os.unlink(tmp)
 
 
-def check_writable(path):
-    """Raise ValueError naming `path` now, before long work, when no file can be written there."""
+def check_writable(path, inputs=()):
+    """Raise ValueError naming `path` now, before long work, when no file can be written there, or
+    when writing it would replace one of the files `inputs` (under any name: a hard link, `./x`).
+    A symlink to an input is not one: the write replaces the link, not its target."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: output path is a folder, expected a file path")
+    if path.exists() and not path.is_symlink():
+        out = path.stat()
+        for p in inputs:
+            try:
+                same = os.path.samestat(out, os.stat(p))
+            except (OSError, ValueError):   # not a file (a CLIP name, say): cannot be the output
+                continue
+            if same:
+                raise ValueError(f"{path}: is an input ({p}); writing the output there would destroy it")
     folder = path.parent
     while not folder.exists():   # missing folders are created at the write
         folder = folder.parent
@@ -75,6 +86,7 @@ def atomic_dir(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would survive the rename
     try:
         yield tmp
         for file in (p for p in tmp.rglob("*") if p.is_file()):

@@ -33,6 +33,7 @@ class CaptionerConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     encoder_id: str = ""  # what produced the image tokens (models/encoders.py)
     tokenizer_id: str = ""  # sha256 of encoder.json + vocab.bpe
+    decoder_id: str = ""  # gpt2.weights_id of the frozen decoder ("": not recorded, not checked)
 
     def to_dict(self):
         return asdict(self)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from models.atomic import atomic_path
 from models.captioner import Captioner, CaptionerConfig, config_differences
-from models.gpt2 import CheckpointError, load_course_checkpoint
+from models.gpt2 import CheckpointError, load_course_checkpoint, weights_id
 
 
 def save_trainable(model, path, extra=None):
@@ -85,6 +85,9 @@ def load_captioner(path, decoder_bin, device="cpu"):
     if decoder.config != config.decoder:
         raise CheckpointError(f"{decoder_bin}: this decoder does not fit checkpoint {path}: "
                               + "; ".join(config_differences(config.decoder, decoder.config)))
+    if config.decoder_id and weights_id(decoder) != config.decoder_id:
+        raise CheckpointError(f"{decoder_bin}: not the decoder checkpoint {path} was trained "
+                              "around (same shapes, other weights)")
     model = Captioner(config, decoder)
     _copy_trainable(model, path, config, tensors)
     return model.to(device).eval(), extra

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from models.errors import InputError
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")   # clip imports pkg_resources, which warns on import
     import clip
@@ -23,7 +25,7 @@ with warnings.catch_warnings():
 _META_KEYS = ("input_resolution", "context_length", "vocab_size")   # buffers of the JIT archives
 
 
-class CheckpointError(Exception):
+class CheckpointError(InputError):
     """A CLIP checkpoint that cannot be used; str() names the file and the problem."""
 
 

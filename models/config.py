@@ -1,19 +1,32 @@
-"""Config dataclasses from params.yaml sections."""
+"""Config dataclasses from params.yaml sections, and whole-number command-line options."""
+import argparse
 import dataclasses
 
 
 def from_section(cls, section, source):
-    """cls(**section) for a params.yaml section (None: all defaults). A key that is not a field of
-    `cls` (a typo, a removed option) is an error naming `source`, the key and the known ones."""
+    """cls(**section) for a params.yaml section (None: all defaults). Every error names `source`:
+    a section that is not a mapping, a key that is not a field of `cls` (a typo, a removed option),
+    a required field left out, a value the class's own checks refuse."""
+    if section is not None and not isinstance(section, dict):
+        raise ValueError(f"{source}: expected a mapping of parameters, got {type(section).__name__} "
+                         f"{section!r}")
     section = dict(section or {})
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
     unknown = set(section) - known
     if unknown:
         raise ValueError(f"{source}: unknown parameter(s) {sorted(unknown)}; known: {sorted(known)}")
-    for f in dataclasses.fields(cls):
+    required = [f.name for f in fields if f.name not in section and f.init
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        raise ValueError(f"{source}: missing parameter(s) {required}")
+    for f in fields:
         if f.name in section:
             section[f.name] = _number(section[f.name], f.type, f"{source}.{f.name}")
-    return cls(**section)
+    try:
+        return cls(**section)
+    except ValueError as e:   # __post_init__'s checks do not know where the values came from
+        raise ValueError(f"{source}: {e}") from None
 
 
 def _number(value, kind, name):
@@ -34,3 +47,17 @@ def _number(value, kind, name):
             raise ValueError(f"{name}={value!r}: expected a whole number")
         return int(value)
     return float(value)
+
+
+def int_at_least(least):
+    """An argparse `type`: a whole number >= `least`; anything else is a usage error naming the
+    option (rather than, say, a batch size of 0 quietly meaning "the default")."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below the least allowed, {least}")
+        return value
+    return parse

@@ -45,10 +45,11 @@ import torch
 from torch import nn
 
 from models.config import from_section
+from models.errors import InputError
 from models.precision import DTYPES, autocast
 
 
-class EncoderError(Exception):
+class EncoderError(InputError):
     """An encoder that cannot be built; str() names the model/file and the problem."""
 
 

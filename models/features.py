@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from models.atomic import atomic_path
+from models.errors import InputError
 from models.imageio import image_loader, report_skip
 
 FORMAT_VERSION = 1
@@ -38,7 +39,7 @@ def as_cached(tokens):
     return tokens.to(torch.float16).float()
 
 
-class FeatureFileError(Exception):
+class FeatureFileError(InputError):
     """A feature file that cannot be used; str() names the file and the problem."""
 
 

@@ -12,6 +12,7 @@ Hooks that the bridges and PEFT methods fill in (all None on a plain GPT-2):
 - `CausalSelfAttention.prefix`: trainable per-layer key/value prefixes (prefix tuning)
 - `CausalSelfAttention.adaption`: gated attention over learned prompts (LLaMA-Adapter)
 """
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.errors import InputError
 
 
 @dataclass
@@ -232,7 +235,7 @@ BASE_KEYS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias
              "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     pass
 
 
@@ -285,6 +288,19 @@ def course_state_dict(model):
             t = t.t()
         sd[key] = t.contiguous().clone()
     return sd
+
+
+def weights_id(model):
+    """sha256 of the decoder's own weights (the course's keys, by value, as fp32): what a
+    trainable checkpoint records of the frozen decoder it was trained around. Modules attached
+    since (a bridge, PEFT) do not change it."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for key in sorted(course_key_set(model.config.n_layer)):
+            t = model.get_parameter(key).detach().float().contiguous().cpu()
+            h.update(f"{key}{tuple(t.shape)}".encode())
+            h.update(t.numpy())
+    return h.hexdigest()
 
 
 def load_course_state_dict(model, sd, source="state dict"):

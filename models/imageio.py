@@ -24,11 +24,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from models.errors import InputError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pbm", ".pnm"})
 
 
-class ImageReadError(Exception):
+class ImageReadError(InputError):
     """An image file that cannot be decoded; str() names the file and the problem."""
 
     def __init__(self, path, problem):
@@ -40,7 +42,7 @@ class ImageReadError(Exception):
         return type(self), (self.path, self.problem)
 
 
-class ImageFolderError(Exception):
+class ImageFolderError(InputError):
     """The folder itself is unusable (missing, not a folder, no images)."""
 
 

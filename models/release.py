@@ -11,12 +11,13 @@ from pathlib import Path
 
 from models.checkpoint import load_captioner
 from models.encoders import EncoderConfig, build_encoder, encoder_id
+from models.errors import InputError
 from models.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class ReleaseError(ValueError):
+class ReleaseError(InputError, ValueError):
     pass
 
 
@@ -72,7 +73,8 @@ def load_release(release, decoder_bin, device="cpu"):
     tokenizer = Tokenizer.from_files(release / "encoder.json", release / "vocab.bpe")
     if tokenizer.identity != model.config.tokenizer_id:
         raise ReleaseError(f"{release}: encoder.json/vocab.bpe are not the checkpoint's vocabulary")
+    encoder = build_encoder(encoder_config, device)   # first: a missing file is reported as such
     if encoder_id(encoder_config) != model.config.encoder_id:
         raise ReleaseError(f"image encoder {encoder_config.name}: not the one the checkpoint was "
                            f"trained on ({model.config.encoder_id})")
-    return Release(model, tokenizer, build_encoder(encoder_config, device), selected)
+    return Release(model, tokenizer, encoder, selected)

@@ -15,13 +15,14 @@ from pathlib import Path
 import yaml
 
 from models.attention_maps import pyplot, save_figure
+from models.errors import InputError
 
 METRICS = (("cider", "CIDEr"), ("clipscore", "CLIPScore"), ("bleu4", "BLEU-4"),
            ("meteor", "METEOR"), ("rougeL", "ROUGE-L"), ("cider_blind", "blind CIDEr"))
 PARAM_SECTIONS = ("world", "extract", "bridge", "peft", "variants", "train", "decode", "visualize")
 
 
-class ReportError(Exception):
+class ReportError(InputError):
     """A pipeline output the report needs is missing or unreadable; str() names the file."""
 
 

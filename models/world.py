@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from models.config import from_section
 from models.gpt2 import load_course_checkpoint
 from models.scoring import load_references
 from models.tokenizer import Tokenizer
@@ -18,6 +19,8 @@ def load_params(path="params.yaml"):
             params = yaml.safe_load(f)
     except FileNotFoundError:
         raise SystemExit(f"{path}: no such file (run from the repository root)") from None
+    except yaml.YAMLError as e:
+        raise SystemExit(f"{path}: not valid YAML ({e})") from None
     if not isinstance(params, dict):
         raise SystemExit(f"{path}: expected a mapping of sections")
     return params
@@ -33,8 +36,13 @@ class World:
     clip: str  # CLIP for zero-shot and CLIPScore: a name ("ViT-B/32") or a state-dict file
 
     @classmethod
-    def from_params(cls, params):
-        return cls(**params["world"])
+    def from_params(cls, params, source="params.yaml"):
+        """The `world:` section of the params read from `source`; a bad one stops the run with
+        one line naming it, as load_params does."""
+        try:
+            return from_section(cls, params.get("world"), f"{source}: world")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
 
     def tokenizer(self):
         return Tokenizer.from_files(self.encoder_json, self.vocab_bpe)

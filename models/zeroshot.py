@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from models.atomic import atomic_open, atomic_path
 from models.clip_io import clip
+from models.device import resolve_device
+from models.errors import InputError
 from models.imageio import image_loader, report_skip
 
 PLACEHOLDER = "{object}"
@@ -67,14 +69,10 @@ class ZeroShotConfig:
         return self.ensemble if self.predict_with == "ensemble" else [self.predict_with]
 
     def torch_device(self):
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"zeroshot.device is {self.device!r} but no CUDA device is available")
-        return self.device
+        return resolve_device(self.device, "zeroshot.device")
 
 
-class LabelMapError(Exception):
+class LabelMapError(InputError):
     """An id2label.json that is not a mapping of integer ids to names; names the file."""
 
 

@@ -2,16 +2,20 @@
 
 Writes predictions/<variant>/val.json and p3.json ({name: caption}), and val_blind.json: the same
 model decoding the val set with the images shuffled across it (a fixed permutation), the blind
-baseline that tells how much of the score the image is responsible for.
+baseline that tells how much of the score the image is responsible for. Once the checkpoint,
+settings and feature files have been checked, it deletes those three, so that a run stopped
+half-way does not leave one run's val.json beside another's p3.json.
 """
 import argparse
 from pathlib import Path
 
 import torch
 
-from models.atomic import write_json
+from models.atomic import remove_outputs, write_json
 from models.checkpoint import load_captioner
 from models.decoding import DecodeConfig, caption_features
+from models.device import resolve_device
+from models.errors import run_stage
 from models.features import FeatureFile
 from models.world import World, load_params
 
@@ -32,25 +36,33 @@ def main(argv=None):
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    world = World.from_params(params)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device()
     decode = dict(params["decode"])
     batch_size = decode.pop("batch_size")
-    config = DecodeConfig.from_dict(decode, f"{args.params} decode")
+    world = World.from_params(params, args.params)
+    try:
+        config = DecodeConfig.from_dict(decode, f"{args.params}: decode")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     model, _ = load_captioner(Path("checkpoints") / args.variant / "model.safetensors",
                               world.decoder, device)
     tokenizer = world.tokenizer()
     if tokenizer.identity != model.config.tokenizer_id:
         raise SystemExit(f"{world.encoder_json}, {world.vocab_bpe}: not the vocabulary the "
                          f"{args.variant} checkpoint was trained with")
-    out = Path("predictions") / args.variant
-    for split in ("val", "p3"):
-        captions = caption_split(model, tokenizer, f"features/{split}.h5", config, batch_size, device)
-        write_json(out / f"{split}.json", captions)
-    n_val = len(FeatureFile("features/val.h5"))
+    for split in ("val", "p3"):   # unreadable or stale features stop the run before anything goes
+        with FeatureFile(f"features/{split}.h5") as features:
+            features.require_encoder(model.config.encoder_id)
+            if split == "val":
+                n_val = len(features)
     if n_val < 2:
         raise SystemExit("decode: the blind baseline pairs each val image with another one's "
                          f"tokens; features/val.h5 has {n_val} image(s)")
+    out = Path("predictions") / args.variant
+    remove_outputs(*(out / f"{name}.json" for name in ("val", "p3", "val_blind")))
+    for split in ("val", "p3"):
+        captions = caption_split(model, tokenizer, f"features/{split}.h5", config, batch_size, device)
+        write_json(out / f"{split}.json", captions)
     # A random cycle through the val set: no image is ever paired with its own tokens.
     cycle = torch.randperm(n_val, generator=torch.Generator().manual_seed(0)).tolist()
     permutation = [0] * n_val
@@ -61,4 +73,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -21,6 +21,7 @@ from demo.clip_train import DemoClipConfig, load_pairs, p1_eval_set, save_clip, 
 from demo.scenes import SceneConfig, class_label
 from models.atomic import atomic_open, write_json
 from models.clip_io import load_clip
+from models.errors import run_stage
 from models.zeroshot import class_id_from_filename, class_text_embeddings, embed_images, read_id2label
 
 DEFAULT_TEMPLATE = "a photo of a {object}"
@@ -114,4 +115,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -11,6 +11,7 @@ import json
 import yaml
 
 from demo.scenes import SceneConfig, write_hw3_data
+from models.errors import run_stage
 
 
 def main(argv=None):
@@ -33,4 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

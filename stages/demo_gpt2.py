@@ -19,6 +19,7 @@ import yaml
 from demo.lm_pretrain import LMConfig, pretrain, save_decoder, write_curves
 from demo.vocab import read_captions
 from models.atomic import write_json
+from models.errors import run_stage
 from models.tokenizer import Tokenizer, caption_batch
 
 
@@ -50,4 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

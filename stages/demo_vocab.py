@@ -14,6 +14,7 @@ import yaml
 
 from demo.vocab import VocabConfig, build_demo_vocab
 from models.atomic import write_json
+from models.errors import run_stage
 
 
 def main(argv=None):
@@ -33,4 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -17,20 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from models.atomic import remove_outputs
 from models.clip_io import load_clip
+from models.device import resolve_device
 from models.encoders import EncoderConfig, build_encoder, encoder_id
+from models.errors import run_stage
 from models.features import write_clip_embeddings, write_features
 from models.imageio import list_images
 from models.world import load_params
-
-
-def pick_device(name):
-    if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def main(argv=None):
@@ -41,7 +35,8 @@ def main(argv=None):
     params = load_params(args.params)
     p, world = params["extract"], params["world"]
     root, out_dir = Path(world["data_root"]), Path(p.get("out_dir", "features"))
-    device = pick_device(args.device or p.get("device", "auto"))
+    device = resolve_device(args.device or p.get("device", "auto"),
+                            "--device" if args.device else f"{args.params}: extract.device")
     common = dict(batch_size=int(p.get("batch_size", 32)), num_workers=int(p.get("num_workers", 0)),
                   device=device, skip_unreadable=bool(p.get("skip_unreadable", False)))
 
@@ -79,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

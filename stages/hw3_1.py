@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from models.config import int_at_least
+
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,9 +51,9 @@ def run(img_dir, id2label_path, out_csv, cfg, batch_size=None, num_workers=None)
     from models.zeroshot import classify, embed_images, read_id2label, write_predictions_csv
 
     out_csv = Path(out_csv)
-    check_writable(out_csv)
     id2label = read_id2label(id2label_path)
     paths = list_images(img_dir, stream=sys.stderr)
+    check_writable(out_csv, inputs=[id2label_path, cfg.clip, *paths])
     device = cfg.torch_device()
     model, preprocess = load_clip(cfg.clip, device=device)
     emb = embed_images(model, preprocess, paths, batch_size=batch_size or cfg.batch_size,
@@ -74,19 +76,18 @@ def main(argv=None):
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--clip", help="override zeroshot.clip (a checkpoint path or a CLIP name)")
     ap.add_argument("--device", help="override zeroshot.device (cpu, cuda, auto)")
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--num-workers", type=int)
+    ap.add_argument("--batch-size", type=int_at_least(1))
+    ap.add_argument("--num-workers", type=int_at_least(0))
     args = ap.parse_args(argv)   # exits with 2 on a usage error
 
-    from models.clip_io import CheckpointError
-    from models.imageio import ImageFolderError
-    from models.zeroshot import LabelMapError
+    from models.device import resolve_device
+    from models.errors import InputError
     try:
         cfg = load_config(args.params, args.clip)
         if args.device:
-            cfg.device = args.device
+            cfg.device = resolve_device(args.device, "--device")
         return run(args.img_dir, args.id2label, args.out_csv, cfg, args.batch_size, args.num_workers)
-    except (ImageFolderError, LabelMapError, CheckpointError, ValueError, OSError) as e:
+    except (InputError, ValueError, OSError) as e:
         print(f"hw3_1: error: {e}", file=sys.stderr)
         return EXIT_FATAL
 

@@ -14,29 +14,30 @@ import os
 import sys
 from pathlib import Path
 
+from models.config import int_at_least
+
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None, workers=None):
-    import torch
-
     from models.atomic import check_writable, write_json
     from models.caption_folder import caption_folder
     from models.decoding import DecodeConfig
+    from models.device import resolve_device
     from models.imageio import ImageFolderError, list_images
     from models.release import load_release
 
     out_json = Path(out_json)
-    check_writable(out_json)
     paths = list_images(img_dir, stream=sys.stderr)   # no folder, no images: fail before loading
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_writable(out_json, inputs=[decoder_bin, *paths, *Path(release).glob("*")])
+    device = resolve_device(device, "--device")
     if workers is None:   # decoding JPEGs in parallel pays when a GPU does the rest
         workers = min(8, os.cpu_count() or 1) if device.startswith("cuda") else 0
     r = load_release(release, decoder_bin, device)
     decode, default_batch = r.decode_settings()
-    captions, skipped = caption_folder(paths, r.encoder, r.model, r.tokenizer,
-                                       DecodeConfig.from_dict(decode, "release/selected.json decode"),
+    decode = DecodeConfig.from_dict(decode, f"{release / 'selected.json'}: decode")
+    captions, skipped = caption_folder(paths, r.encoder, r.model, r.tokenizer, decode,
                                        batch_size or default_batch, num_workers=workers,
                                        device=device)
     if not captions:
@@ -54,22 +55,17 @@ def main(argv=None):
     ap.add_argument("decoder_bin")
     ap.add_argument("--release", default=str(ROOT / "release"),
                     help="what `dvc repro select` wrote (default: release/ in the repository)")
-    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--batch-size", type=int_at_least(1))
     ap.add_argument("--device")
-    ap.add_argument("--workers", type=int,
+    ap.add_argument("--workers", type=int_at_least(0),
                     help="image decoding processes (default: up to 8 on a GPU, none on the CPU)")
     args = ap.parse_args(argv)
 
-    from models.features import FeatureFileError
-    from models.encoders import EncoderError
-    from models.gpt2 import CheckpointError
-    from models.imageio import ImageFolderError
-    from models.release import ReleaseError
+    from models.errors import InputError
     try:
         return run(args.img_dir, args.out_json, args.decoder_bin, Path(args.release),
                    args.batch_size, args.device, args.workers)
-    except (ImageFolderError, CheckpointError, EncoderError, FeatureFileError, ReleaseError,
-            ValueError, OSError) as e:
+    except (InputError, ValueError, OSError) as e:
         print(f"hw3_2: error: {e}", file=sys.stderr)
         return EXIT_FATAL
 

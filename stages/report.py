@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 
 from models.atomic import atomic_dir
-from models.report import ReportError, build_report
+from models.errors import run_stage
+from models.report import build_report
 from models.world import load_params
 
 
@@ -17,13 +18,10 @@ def main(argv=None):
     ap.add_argument("--out", default="report")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    try:
-        with atomic_dir(Path(args.out)) as tmp:
-            build_report(Path("."), params, tmp)
-    except ReportError as e:
-        raise SystemExit(f"report: {e}") from None
+    with atomic_dir(Path(args.out)) as tmp:
+        build_report(Path("."), params, tmp)
     print(f"wrote {Path(args.out) / 'README.md'}")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -18,11 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 from models.atomic import write_json
 from models.clip_io import load_clip
+from models.device import resolve_device
+from models.errors import run_stage
 from models.scoring import METRICS, load_predictions, load_references, score_captions
 
 
@@ -48,8 +49,7 @@ def main(argv=None):
         clip_name = cfg.get("clip") or world.get("clip")
         if not clip_name:
             sys.exit(f"{args.params}: CLIPScore needs score.clip or world.clip")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, preprocess = load_clip(clip_name, device)
+        model, preprocess = load_clip(clip_name, resolve_device())
         if cfg.get("image_embeddings"):
             from models.encoders import EncoderConfig, encoder_id
             from models.features import read_embeddings
@@ -70,4 +70,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

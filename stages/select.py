@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from models.atomic import atomic_dir, write_json
+from models.errors import run_stage
 from models.world import World, load_params
 
 
@@ -23,13 +24,17 @@ def main(argv=None):
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    world = World.from_params(params)
+    world = World.from_params(params, args.params)
     scores = {}
     for variant in params["variants"]:
         path = Path("metrics") / f"{variant}.json"
-        with open(path, encoding="utf-8") as f:
-            scores[variant] = json.load(f)
-        if "cider" not in scores[variant]:
+        try:
+            scores[variant] = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SystemExit(f"select: {path}: missing: run `dvc repro score@{variant}`") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SystemExit(f"select: {path}: not valid JSON ({e})") from None
+        if not isinstance(scores[variant], dict) or "cider" not in scores[variant]:
             raise SystemExit(f"select: {path} has no cider: keep `cider` in score.metrics")
     chosen = best_variant(scores)
     release = Path("release")
@@ -46,4 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -2,8 +2,10 @@
 
 Reads params `world`, `train`, `bridge`, `peft` and `variants.<variant>`; writes
 checkpoints/<variant>/model.safetensors (the best val-CIDEr epoch's trainable tensors),
-plots/train/<variant>.json (per-epoch curves) and metrics/train/<variant>.json. It first deletes
-those three, so a run killed half-way leaves none of them (the checkpoint is written at the end).
+plots/train/<variant>.json (per-epoch curves) and metrics/train/<variant>.json. Once its params,
+decoder, vocabulary and features have been read and checked, it deletes those three, so a run
+killed half-way leaves none of them (the checkpoint is written at the end), while a run stopped by
+bad input leaves the previous ones alone.
 """
 import argparse
 import time
@@ -15,22 +17,30 @@ from models.atomic import remove_outputs, write_json
 from models.bridges import BridgeConfig
 from models.captioner import Captioner, CaptionerConfig
 from models.config import from_section
+from models.device import resolve_device
+from models.errors import run_stage
 from models.features import FeatureFile
+from models.gpt2 import weights_id
 from models.peft import PeftConfig
 from models.training import CaptionPairs, TrainConfig, train
 from models.world import World, load_params
 
 
-def variant_config(params, variant, decoder_config, features, tokenizer):
+def variant_config(params, source, variant, decoder, features, tokenizer):
     if variant not in params["variants"]:
-        raise SystemExit(f"params.yaml: no variant {variant!r} under `variants:` "
+        raise SystemExit(f"{source}: no variant {variant!r} under `variants:` "
                          f"(have {sorted(params['variants'])})")
     v = params["variants"][variant]
+    try:
+        bridge = from_section(BridgeConfig, {**params["bridge"], "kind": v["bridge"]},
+                              f"{source}: bridge")
+        peft = from_section(PeftConfig, {**params["peft"], "method": v["peft"]}, f"{source}: peft")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     return CaptionerConfig(
-        decoder=decoder_config, visual_width=features.width, visual_tokens=features.num_tokens,
-        bridge=BridgeConfig(**{**params["bridge"], "kind": v["bridge"]}),
-        peft=PeftConfig(**{**params["peft"], "method": v["peft"]}),
-        encoder_id=features.encoder_id, tokenizer_id=tokenizer.identity)
+        decoder=decoder.config, visual_width=features.width, visual_tokens=features.num_tokens,
+        bridge=bridge, peft=peft, encoder_id=features.encoder_id, tokenizer_id=tokenizer.identity,
+        decoder_id=weights_id(decoder))
 
 
 def in_memory(path):
@@ -48,12 +58,11 @@ def main(argv=None):
     history_file = Path("plots") / "train" / f"{args.variant}.json"
     metrics_file = Path("metrics") / "train" / f"{args.variant}.json"
     try:
-        train_config = from_section(TrainConfig, params["train"], "train")
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"{args.params}: {e}") from None
-    remove_outputs(checkpoint, history_file, metrics_file)
-    world = World.from_params(params)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        train_config = from_section(TrainConfig, params["train"], f"{args.params}: train")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    world = World.from_params(params, args.params)
+    device = torch.device(resolve_device())
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     tokenizer = world.tokenizer()
@@ -61,7 +70,7 @@ def main(argv=None):
     val_file, val_tokens = in_memory("features/val.h5")
     val_file.require_encoder(train_file.encoder_id)
     decoder = world.load_decoder()
-    config = variant_config(params, args.variant, decoder.config, train_file, tokenizer)
+    config = variant_config(params, args.params, args.variant, decoder, train_file, tokenizer)
     torch.manual_seed(train_config.seed)  # the new modules' initial weights
     model = Captioner(config, decoder)
     counts = model.parameter_counts()
@@ -70,6 +79,7 @@ def main(argv=None):
 
     train_pairs = CaptionPairs(train_tokens, world.references("train"), tokenizer)
     val_pairs = CaptionPairs(val_tokens, world.references("val"), tokenizer)
+    remove_outputs(checkpoint, history_file, metrics_file)
     start = time.time()
     history, best = train(model, train_pairs, val_pairs, tokenizer, train_config, checkpoint, device)
     write_json(history_file, history)
@@ -80,4 +90,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -19,8 +19,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from demo.scenes import SHAPE_WORDS
 from models.atomic import atomic_dir, write_json
 from models.attention_maps import (AttentionMapConfig, caption_with_maps, encoder_view,
@@ -28,12 +26,12 @@ from models.attention_maps import (AttentionMapConfig, caption_with_maps, encode
 from models.attention_summary import (count_hits, demo_p3_objects, describe_peak,
                                       shape_vocabulary, shape_words_report)
 from models.decoding import DecodeConfig
-from models.encoders import EncoderError
+from models.device import resolve_device
+from models.errors import run_stage
 from models.features import FeatureFile
-from models.gpt2 import CheckpointError
 from models.imageio import list_images, load_rgb
 from models.pos_embed import patch_positional_embeddings, plot_similarity_grid
-from models.release import ReleaseError, load_release
+from models.release import load_release
 from models.world import World, load_params
 
 OUT = Path("figures/attention")
@@ -76,17 +74,14 @@ def main(argv=None):
     ap.add_argument("--release", default="release")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    world = World.from_params(params)
+    world = World.from_params(params, args.params)
     section = dict(params.get("visualize") or {})
     decode_override = section.pop("decode", None) or {}
     scene_section = section.pop("scene_params", "demo_data")
     map_config = AttentionMapConfig.from_dict(section, source=f"{args.params}: visualize")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device()
 
-    try:
-        release = load_release(Path(args.release), world.decoder, device)
-    except (ReleaseError, CheckpointError, EncoderError) as e:
-        sys.exit(str(e))
+    release = load_release(Path(args.release), world.decoder, device)
     model, tokenizer, encoder, selected = (release.model, release.tokenizer, release.encoder,
                                            release.selected)
     decode, _ = release.decode_settings()
@@ -150,4 +145,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -14,6 +14,7 @@ import yaml
 
 from models.atomic import write_json
 from models.clip_io import load_clip
+from models.errors import run_stage
 from models.imageio import list_images, load_rgb
 from models import zeroshot as zs
 
@@ -101,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -29,6 +29,7 @@ from models.gpt2 import GPT2, GPT2Config, course_state_dict, load_course_checkpo
 from models.peft import PeftConfig
 from models.pos_embed import (cosine_similarity_matrix, patch_positional_embeddings,
                               plot_similarity_grid)
+from models.report import ReportError
 from models.tokenizer import EOT, Tokenizer
 
 GRID = (4, 5)  # rows, columns: not square, so a transposed reshape cannot pass
@@ -396,6 +397,6 @@ def test_report_names_a_missing_metrics_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fabricate_outputs(tmp_path)
     (tmp_path / "metrics" / "train" / "prefix_bridge.json").unlink()
-    with pytest.raises(SystemExit, match="metrics/train/prefix_bridge.json: missing"):
-        report.main([])
+    with pytest.raises(ReportError, match="metrics/train/prefix_bridge.json: missing"):
+        report.main([])   # which run_stage reports as one line
     assert not (tmp_path / "report").exists()

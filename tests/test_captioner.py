@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from models.bridges import BRIDGES, BridgeConfig
 from models.captioner import Captioner, CaptionerConfig, build_on_meta
 from models.checkpoint import load_captioner, load_trainable, read_checkpoint, save_trainable
-from models.gpt2 import GPT2, CheckpointError, GPT2Config, course_state_dict, load_course_state_dict
+from models.gpt2 import (GPT2, CheckpointError, GPT2Config, course_state_dict, load_course_state_dict,
+                         weights_id)
 from models.peft import PeftConfig
 from models.tokenizer import caption_batch
 from scripts.param_table import LIMIT, markdown, parameter_table
@@ -142,6 +143,18 @@ def test_forward_backward_save_reload(course_sd, bridge, variant, tmp_path):
         fresh.eval(), model.eval()
         torch.testing.assert_close(logits_of(fresh, visual, ids), logits_of(model, visual, ids),
                                    atol=0, rtol=0)
+
+
+def test_decoder_weights_id_is_the_frozen_weights_only(course_sd):
+    """What a checkpoint records of its decoder: changed by any frozen weight, not by the bridge
+    and PEFT modules attached to it, nor by training them."""
+    plain = weights_id(fresh_decoder(course_sd))
+    model = perturb(build(course_sd, "gated_cross", "lora"))
+    assert weights_id(model.decoder) == plain
+    other = dict(course_sd)
+    key = sorted(k for k in other if k.endswith("ln_2.bias"))[0]
+    other[key] = other[key] + 1e-3
+    assert weights_id(fresh_decoder(other)) != plain
 
 
 @pytest.mark.parametrize("bridge,variant", TABLE)

@@ -88,6 +88,16 @@ def test_hw3_2_refuses_a_decoder_of_another_width(ran, tmp_path):
     assert "wrong.bin" in result.stderr and not out.exists()
 
 
+def test_hw3_2_refuses_a_decoder_with_the_right_shapes_and_other_weights(ran, tmp_path):
+    sd = torch.load(ran / "hw3_data/p2_data/decoder_model.bin", weights_only=True)
+    key = next(k for k in sorted(sd) if k.endswith("mlp.c_fc.weight"))
+    sd[key] = sd[key] * 1.01
+    torch.save(sd, tmp_path / "other.bin")
+    result, out = hw3_2(ran, tmp_path, tmp_path / "other.bin", ran / "release")
+    assert result.returncode == 1 and not out.exists()
+    assert "other.bin: not the decoder checkpoint" in result.stderr, result.stderr
+
+
 def test_hw3_2_hostile_folder(ran, tmp_path):
     """Every readable image gets a caption, each unreadable one a stderr line, exit status 3."""
     from tests.hostile_images import READABLE, UNREADABLE, make_hostile_folder
@@ -139,6 +149,38 @@ def test_hw3_2_fatal_inputs_write_nothing(ran, tmp_path, case):
          str(ran / "hw3_data/p2_data/decoder_model.bin"), "--release", str(release)],
         capture_output=True, text=True)
     assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_hw3_2_never_writes_over_an_input(ran, tmp_path):
+    """OUT_JSON naming the decoder, an image, or a released file (as typed, or by a hard link)
+    is refused before anything is loaded, and that input is left as it was."""
+    decoder, images, release = tmp_path / "decoder.bin", tmp_path / "images", tmp_path / "release"
+    shutil.copy(ran / "hw3_data/p2_data/decoder_model.bin", decoder)
+    shutil.copytree(ran / "hw3_data/p3_data/images", images)
+    shutil.copytree(ran / "release", release)
+    image = sorted(images.iterdir())[0]
+    os.link(decoder, tmp_path / "decoder_link.bin")
+    for out in (decoder, image, release / "captioner.safetensors", tmp_path / "decoder_link.bin"):
+        before = out.read_bytes()
+        result = subprocess.run(["bash", str(REPO / "hw3_2.sh"), str(images), str(out),
+                                 str(decoder), "--release", str(release)],
+                                capture_output=True, text=True)
+        assert result.returncode == 1 and "is an input" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and out.read_bytes() == before
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--device", "gpu"], "--device 'gpu': not a device"),
+    (["--batch-size", "0"], "--batch-size: 0 is below the least allowed, 1"),
+])
+def test_hw3_2_bad_options_are_named(ran, tmp_path, option, message):
+    out = tmp_path / "pred.json"
+    result = subprocess.run(
+        ["bash", str(REPO / "hw3_2.sh"), str(ran / "hw3_data/p3_data/images"), str(out),
+         str(ran / "hw3_data/p2_data/decoder_model.bin"), "--release", str(ran / "release"),
+         *option], capture_output=True, text=True)
+    assert result.returncode in (1, 2) and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
 
 

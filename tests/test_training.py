@@ -111,3 +111,32 @@ def test_train_section_numbers_written_as_strings_are_read_as_numbers():
                              ({"batch_size": [64]}, r"train\.batch_size=\[64\]: expected a number")):
         with pytest.raises(ValueError, match=message):
             from_section(TrainConfig, section, "train")
+
+
+def test_every_params_section_error_names_its_source():
+    from models.config import from_section
+    from models.world import World
+    for section, message in ((["lr", 1], r"^p\.yaml: train: expected a mapping of parameters, got list"),
+                             ({"epochs": 0}, r"^p\.yaml: train: train\.epochs=0: must be at least 1"),
+                             ({"precision": "fp8"}, r"^p\.yaml: train: train\.precision='fp8'")):
+        with pytest.raises(ValueError, match=message):
+            from_section(TrainConfig, section, "p.yaml: train")
+    with pytest.raises(SystemExit, match=r"p\.yaml: world: missing parameter\(s\) \['decoder_heads'"):
+        World.from_params({"world": {"data_root": "d", "decoder": "x.bin", "encoder_json": "e",
+                                     "vocab_bpe": "v", "clip": "c"}}, "p.yaml")
+
+
+def test_a_device_is_checked_where_it_is_named():
+    from models.device import resolve_device
+    assert resolve_device(None) == resolve_device("auto") == \
+        ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    for name in ("gpu", "cuda:x", "mps", 3.5):
+        with pytest.raises(ValueError, match=r"--device .*: not a device this tool runs on"):
+            resolve_device(name, "--device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="zeroshot.device 'cuda': no CUDA device"):
+            resolve_device("cuda", "zeroshot.device")
+    else:
+        with pytest.raises(ValueError, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -253,6 +254,23 @@ def test_hw3_1_fatal_inputs(tmp_path, tiny, p1, capsys):
     assert hw3_1.main([str(val), str(good_map), str(out), "--params", str(params)]) == 0
     header, rows = read_csv(out)
     assert [n for n, _ in rows] == sorted(p.name for p in val.iterdir())
+
+    # an OUT_CSV that is an input is refused, and the input stays as it was
+    images = tmp_path / "images"
+    shutil.copytree(val, images)
+    id2label = tmp_path / "id2label_copy.json"
+    shutil.copy(good_map, id2label)
+    for target in (id2label, sorted(images.iterdir())[0], tiny[1]):
+        before = Path(target).read_bytes()
+        assert hw3_1.main([str(images), str(id2label), str(target), "--params", str(params)]) == 1
+        assert "is an input" in capsys.readouterr().err
+        assert Path(target).read_bytes() == before
+    assert hw3_1.main([str(val), str(good_map), str(out), "--params", str(params),
+                       "--device", "gpu"]) == 1
+    assert "--device 'gpu': not a device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        hw3_1.main([str(val), str(good_map), str(out), "--batch-size", "0"])
+    assert usage.value.code == hw3_1.EXIT_USAGE
 
     # a file name that is not valid UTF-8 comes back with its exact bytes
     odd = tmp_path / "odd"
