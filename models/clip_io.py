@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from models.errors import InputError
+from models.errors import InputError, load_failure
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")   # clip imports pkg_resources, which warns on import
@@ -82,13 +82,9 @@ def clip_config_from_state_dict(sd):
 def _read_state_dict(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused, not a plain tensor checkpoint "
-                              f"(torch.load weights_only=True: {first})") from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
+            zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({load_failure(e)})") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:

@@ -1,6 +1,21 @@
-"""Config dataclasses from params.yaml sections, and whole-number command-line options."""
+"""params.yaml, its sections as config dataclasses, and whole-number command-line options."""
 import argparse
 import dataclasses
+
+import yaml
+
+
+def load_params(path="params.yaml"):
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such file (run from the repository root)") from None
+    except yaml.YAMLError as e:
+        raise SystemExit(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(params, dict):
+        raise SystemExit(f"{path}: expected a mapping of sections")
+    return params
 
 
 def from_section(cls, section, source):

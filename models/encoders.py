@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from models.config import from_section
-from models.errors import InputError
+from models.errors import InputError, load_failure
 from models.precision import DTYPES, autocast
 
 
@@ -165,8 +165,7 @@ def _read_weights(path):
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise EncoderError(f"{path}: cannot read weights ({type(e).__name__}: "
-                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        raise EncoderError(f"{path}: cannot read weights ({load_failure(e)})") from e
     for key in ("state_dict", "model"):   # common wrappers of training checkpoints
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

@@ -4,6 +4,7 @@ An `InputError` says that an input cannot be used: a missing or corrupt file, a 
 wrong shape, an empty folder. Its str() names the file and the problem, so that one line is the
 whole report; anything else that goes wrong keeps its traceback.
 """
+import pickle
 import sys
 
 
@@ -18,3 +19,13 @@ def run_stage(main):
         main()
     except (InputError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+
+
+def load_failure(e):
+    """Why torch.load(weights_only=True) failed, in a few words: without torch's own advice to
+    re-run it unsafely, which for a JSON file, say, would be wrong as well as dangerous."""
+    if isinstance(e, pickle.UnpicklingError):
+        return ("not a plain tensor file: weights-only loading refuses it (it is no torch file, or "
+                "it holds pickled Python objects)")
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.errors import InputError
+from models.errors import InputError, load_failure
 
 
 @dataclass
@@ -335,7 +335,7 @@ def read_state_dict(path):
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as e:  # truncated zip, pickle with code, not a torch file ...
         raise CheckpointError(f"{path}: cannot be read as a safe torch state dict "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                              f"({load_failure(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
     return sd

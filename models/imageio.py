@@ -64,7 +64,9 @@ def scan_folder(folder):
         raise ImageFolderError(f"{folder}: cannot list folder ({e.strerror or e})") from e
     images, ignored = [], []
     for p in entries:
-        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS:
+        # a broken symlink named like an image is an image that cannot be read, not a non-image
+        file_like = p.is_file() or (p.is_symlink() and not p.exists())
+        if p.name.startswith(".") or not file_like or p.suffix.lower() not in IMAGE_EXTENSIONS:
             ignored.append(p)
         else:
             images.append(p)

@@ -5,25 +5,10 @@ The demo world and the course's real world differ only here (see README, "The tw
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from models.config import from_section
 from models.gpt2 import load_course_checkpoint
 from models.scoring import load_references
 from models.tokenizer import Tokenizer
-
-
-def load_params(path="params.yaml"):
-    try:
-        with open(path, encoding="utf-8") as f:
-            params = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise SystemExit(f"{path}: no such file (run from the repository root)") from None
-    except yaml.YAMLError as e:
-        raise SystemExit(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(params, dict):
-        raise SystemExit(f"{path}: expected a mapping of sections")
-    return params
 
 
 @dataclass

@@ -10,7 +10,7 @@ import json
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from models.atomic import atomic_open, atomic_path
 from models.clip_io import clip
+from models.config import from_section
 from models.device import resolve_device
 from models.errors import InputError
 from models.imageio import image_loader, report_skip
@@ -46,15 +47,12 @@ class ZeroShotConfig:
 
     @classmethod
     def from_params(cls, section, source="params.yaml"):
-        if not isinstance(section, dict):
-            raise ValueError(f"{source}: the zeroshot section must be a mapping")
-        known = {f.name for f in fields(cls)}
-        unknown = set(section) - known
-        if unknown:
-            raise ValueError(f"{source}: unknown zeroshot keys {sorted(unknown)} (known: {sorted(known)})")
-        cfg = cls(**section)
-        check_templates(cfg.templates)
-        check_templates(cfg.ensemble)
+        cfg = from_section(cls, section, f"{source}: zeroshot")
+        for name in ("templates", "ensemble"):
+            try:
+                check_templates(getattr(cfg, name))
+            except ValueError as e:
+                raise ValueError(f"{source}: zeroshot.{name}: {e}") from None
         for name in ("batch_size", "n_top5", "n_confused", "num_workers", "seed"):
             v = getattr(cfg, name)
             if not isinstance(v, int) or v < (1 if name == "batch_size" else 0):
@@ -76,6 +74,10 @@ class LabelMapError(InputError):
     """An id2label.json that is not a mapping of integer ids to names; names the file."""
 
 
+class _Pairs(list):
+    """A JSON object read as its list of (key, value) pairs."""
+
+
 def read_id2label(path):
     """{int id: name}, sorted by id, from a JSON object such as {"0": "bicycle", ...}."""
     path = Path(path)
@@ -85,17 +87,17 @@ def read_id2label(path):
         raise LabelMapError(f"{path}: id2label file does not exist") from e
     except (OSError, UnicodeDecodeError) as e:
         raise LabelMapError(f"{path}: cannot read id2label file ({e})") from e
-    try:
-        obj = json.loads(text)
+    try:   # the object as (key, value) pairs: a key written twice must not quietly keep one
+        obj = json.loads(text, object_pairs_hook=_Pairs)
     except json.JSONDecodeError as e:
         raise LabelMapError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(obj, dict):
+    if not isinstance(obj, _Pairs):
         raise LabelMapError(f"{path}: expected a JSON object {{\"0\": \"name\", ...}}, "
                             f"got a JSON {type(obj).__name__}")
     if not obj:
         raise LabelMapError(f"{path}: the id -> name mapping is empty")
     out = {}
-    for k, v in obj.items():
+    for k, v in obj:
         if not re.fullmatch(r"\d+", str(k).strip()):
             raise LabelMapError(f"{path}: key {k!r} is not a non-negative integer id")
         if not isinstance(v, str) or not v.strip():
@@ -111,6 +113,19 @@ def class_id_from_filename(name):
     """The class id of `{class_id}_{image_id}.ext`, or None for any other name."""
     m = _LABELLED.match(Path(name).name)
     return int(m.group(1)) if m else None
+
+
+def true_labels(paths, id2label, stream=None):
+    """The class id of each image from its file name, with one note for the names that carry no
+    id (left out of the accuracy) and one for ids that id2label.json lacks (counted as wrong)."""
+    true = [class_id_from_filename(p.name) for p in paths]
+    unnamed = [p.name for p, t in zip(paths, true) if t is None]
+    unknown = [p.name for p, t in zip(paths, true) if t is not None and t not in id2label]
+    for names, what in ((unnamed, "not named {class_id}_{n}.ext: left out of the accuracy"),
+                        (unknown, "of a class id that id2label.json lacks: counted as wrong")):
+        if names:
+            print(f"note: {len(names)} image(s) {what}, e.g. {names[:3]}", file=stream or sys.stderr)
+    return true
 
 
 def check_templates(templates):

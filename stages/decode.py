@@ -13,11 +13,12 @@ import torch
 
 from models.atomic import remove_outputs, write_json
 from models.checkpoint import load_captioner
+from models.config import load_params
 from models.decoding import DecodeConfig, caption_features
 from models.device import resolve_device
 from models.errors import run_stage
 from models.features import FeatureFile
-from models.world import World, load_params
+from models.world import World
 
 
 def caption_split(model, tokenizer, path, config, batch_size, device, permutation=None):

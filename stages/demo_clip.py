@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from demo.clip_train import DemoClipConfig, load_pairs, p1_eval_set, save_clip, train_clip
 from demo.scenes import SceneConfig, class_label
 from models.atomic import atomic_open, write_json
 from models.clip_io import load_clip
+from models.config import load_params
 from models.errors import run_stage
 from models.zeroshot import class_id_from_filename, class_text_embeddings, embed_images, read_id2label
 
@@ -77,8 +77,7 @@ def main(argv=None):
     ap.add_argument("--plots", default="plots/demo_clip")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    with open(args.params, encoding="utf-8") as f:
-        params = yaml.safe_load(f) or {}
+    params = load_params(args.params)
     for name in ("demo_data", "demo_clip"):
         if not isinstance(params.get(name), dict):
             raise SystemExit(f"{args.params}: missing the {name} section")

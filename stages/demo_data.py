@@ -8,9 +8,8 @@ hw3_data layout (p1_data, p2_data, p3_data; see DESIGN.md) and is replaced atomi
 import argparse
 import json
 
-import yaml
-
 from demo.scenes import SceneConfig, write_hw3_data
+from models.config import load_params
 from models.errors import run_stage
 
 
@@ -19,8 +18,7 @@ def main(argv=None):
     ap.add_argument("--out", default="data/demo/hw3_data")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    with open(args.params, encoding="utf-8") as f:
-        params = yaml.safe_load(f) or {}
+    params = load_params(args.params)
     if not isinstance(params.get("demo_data"), dict):
         raise SystemExit(f"{args.params}: missing the demo_data section")
     try:

@@ -14,11 +14,11 @@ import argparse
 from pathlib import Path
 
 import torch
-import yaml
 
 from demo.lm_pretrain import LMConfig, pretrain, save_decoder, write_curves
 from demo.vocab import read_captions
 from models.atomic import write_json
+from models.config import load_params
 from models.errors import run_stage
 from models.tokenizer import Tokenizer, caption_batch
 
@@ -32,8 +32,7 @@ def main(argv=None):
     ap.add_argument("--plots", default="plots/demo_gpt2")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    with open(args.params, encoding="utf-8") as f:
-        params = yaml.safe_load(f) or {}
+    params = load_params(args.params)
     cfg = LMConfig.from_dict(params.get("demo_gpt2"), source=f"{args.params}: demo_gpt2")
     torch.set_num_threads(cfg.threads)
 

@@ -10,10 +10,9 @@ Reads params.yaml's `demo_vocab` section (vocab_size, min_frequency).
 """
 import argparse
 
-import yaml
-
 from demo.vocab import VocabConfig, build_demo_vocab
 from models.atomic import write_json
+from models.config import load_params
 from models.errors import run_stage
 
 
@@ -24,8 +23,7 @@ def main(argv=None):
     ap.add_argument("--metrics", default="metrics/demo_vocab.json")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    with open(args.params, encoding="utf-8") as f:
-        params = yaml.safe_load(f) or {}
+    params = load_params(args.params)
     cfg = VocabConfig.from_dict(params.get("demo_vocab"), source=f"{args.params}: demo_vocab")
     stats = build_demo_vocab(args.p2_data, cfg, args.out_dir)
     write_json(args.metrics, stats)

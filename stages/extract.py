@@ -19,12 +19,12 @@ from pathlib import Path
 
 from models.atomic import remove_outputs
 from models.clip_io import load_clip
+from models.config import load_params
 from models.device import resolve_device
 from models.encoders import EncoderConfig, build_encoder, encoder_id
 from models.errors import run_stage
 from models.features import write_clip_embeddings, write_features
 from models.imageio import list_images
-from models.world import load_params
 
 
 def main(argv=None):

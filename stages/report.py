@@ -7,9 +7,9 @@ import argparse
 from pathlib import Path
 
 from models.atomic import atomic_dir
+from models.config import load_params
 from models.errors import run_stage
 from models.report import build_report
-from models.world import load_params
 
 
 def main(argv=None):

@@ -18,10 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 from models.atomic import write_json
 from models.clip_io import load_clip
+from models.config import load_params
 from models.device import resolve_device
 from models.errors import run_stage
 from models.scoring import METRICS, load_predictions, load_references, score_captions
@@ -33,8 +32,7 @@ def main(argv=None):
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
 
-    with open(args.params, encoding="utf-8") as f:
-        params = yaml.safe_load(f) or {}
+    params = load_params(args.params)
     world, cfg = params.get("world") or {}, params.get("score") or {}
     if not world.get("data_root"):
         sys.exit(f"{args.params}: needs world.data_root (the hw3_data folder)")

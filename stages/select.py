@@ -10,8 +10,9 @@ import shutil
 from pathlib import Path
 
 from models.atomic import atomic_dir, write_json
+from models.config import load_params
 from models.errors import run_stage
-from models.world import World, load_params
+from models.world import World
 
 
 def best_variant(scores):

@@ -16,14 +16,14 @@ import torch
 from models.atomic import remove_outputs, write_json
 from models.bridges import BridgeConfig
 from models.captioner import Captioner, CaptionerConfig
-from models.config import from_section
+from models.config import from_section, load_params
 from models.device import resolve_device
 from models.errors import run_stage
 from models.features import FeatureFile
 from models.gpt2 import weights_id
 from models.peft import PeftConfig
 from models.training import CaptionPairs, TrainConfig, train
-from models.world import World, load_params
+from models.world import World
 
 
 def variant_config(params, source, variant, decoder, features, tokenizer):

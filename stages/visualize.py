@@ -25,6 +25,7 @@ from models.attention_maps import (AttentionMapConfig, caption_with_maps, encode
                                    plot_attention_grid)
 from models.attention_summary import (count_hits, demo_p3_objects, describe_peak,
                                       shape_vocabulary, shape_words_report)
+from models.config import load_params
 from models.decoding import DecodeConfig
 from models.device import resolve_device
 from models.errors import run_stage
@@ -32,7 +33,7 @@ from models.features import FeatureFile
 from models.imageio import list_images, load_rgb
 from models.pos_embed import patch_positional_embeddings, plot_similarity_grid
 from models.release import load_release
-from models.world import World, load_params
+from models.world import World
 
 OUT = Path("figures/attention")
 POS_EMBED = Path("figures/pos_embed_similarity.png")

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from models.atomic import write_json
 from models.clip_io import load_clip
+from models.config import load_params
 from models.errors import run_stage
 from models.imageio import list_images, load_rgb
 from models import zeroshot as zs
@@ -38,8 +38,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    params = yaml.safe_load(open(args.params))
-    cfg = zs.ZeroShotConfig.from_params(params["zeroshot"], args.params)
+    params = load_params(args.params)
+    try:
+        cfg = zs.ZeroShotConfig.from_params(params.get("zeroshot"), args.params)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     torch.manual_seed(cfg.seed)
 
     data_root = cfg.data_root or params.get("world", {}).get("data_root")
@@ -50,7 +53,7 @@ def main(argv=None):
     paths = list_images(p1 / cfg.split, stream=sys.stderr)
     model, preprocess = load_clip(cfg.clip, device=cfg.torch_device())
     emb = zs.embed_images(model, preprocess, paths, cfg.batch_size, cfg.num_workers)
-    true = [zs.class_id_from_filename(p.name) for p in emb.paths]
+    true = zs.true_labels(emb.paths, id2label)
 
     studied = list(zip(unique_slugs(cfg.templates), cfg.templates))
     studied.append(("ensemble", None))

@@ -21,7 +21,7 @@ READABLE = {
     "bitmap.BMP": (24, 16),
     "web.WebP": (24, 16),
 }
-UNREADABLE = ["truncated.jpg", "zero_bytes.jpg", "text_named.jpg", "bad.PNG"]
+UNREADABLE = ["truncated.jpg", "zero_bytes.jpg", "text_named.jpg", "bad.PNG", "broken_link.png"]
 IGNORED = ["notes.txt", ".hidden.png", "nested"]   # not images by rule; never read
 
 
@@ -64,6 +64,7 @@ def make_hostile_folder(folder):
     png = io.BytesIO()
     rgb.save(png, format="PNG")
     (folder / "bad.PNG").write_bytes(png.getvalue()[:60])  # header only: truncated PNG
+    (folder / "broken_link.png").symlink_to(folder / "moved_away.png")   # a dangling symlink
 
     (folder / "notes.txt").write_text("not an image")
     rgb.save(folder / ".hidden.png")

@@ -309,3 +309,19 @@ def test_zeroshot_stage(tmp_path, tiny, p1, monkeypatch):
     header, rows = read_csv("predictions/p1.csv")
     acc = sum(int(n.split("_")[0]) == int(l) for n, l in rows) / len(rows)
     assert acc == pytest.approx(metrics["accuracy"]["ensemble"])
+
+
+def test_true_labels_say_which_images_they_cannot_score(capsys):
+    paths = [Path(n) for n in ("0_1.png", "7_2.png", "foo.png", "1_3.png")]
+    assert zs.true_labels(paths, {0: "cat", 1: "dog"}) == [0, 7, None, 1]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert "1 image(s) not named {class_id}_{n}.ext" in err[0] and "foo.png" in err[0]
+    assert "1 image(s) of a class id that id2label.json lacks" in err[1] and "7_2.png" in err[1]
+
+
+def test_id2label_with_a_key_written_twice_is_refused(tmp_path):
+    path = tmp_path / "id2label.json"
+    path.write_text('{"0": "cat", "1": "dog", "0": "bird"}')
+    with pytest.raises(zs.LabelMapError, match="id 0 appears twice"):
+        zs.read_id2label(path)
