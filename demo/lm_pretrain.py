@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from models.atomic import atomic_open, atomic_path
 from models.config import from_section
+from models.errors import ParamsError
 from models.gpt2 import GPT2, GPT2Config, course_state_dict, load_course_checkpoint
 from models.tokenizer import IGNORE_INDEX, caption_batch
 
@@ -44,9 +45,9 @@ class LMConfig:
         cfg = from_section(cls, d, source)
         for name in ("n_layer", "n_head", "n_embd", "block_size", "epochs", "batch_size", "log_every"):
             if getattr(cfg, name) < 1:
-                raise ValueError(f"{source}: {name}={getattr(cfg, name)} must be at least 1")
+                raise ParamsError(f"{source}: {name}={getattr(cfg, name)} must be at least 1")
         if cfg.block_size < 2:
-            raise ValueError(f"{source}: block_size={cfg.block_size} must be at least 2")
+            raise ParamsError(f"{source}: block_size={cfg.block_size} must be at least 2")
         return cfg
 
     def model_config(self, vocab_size):

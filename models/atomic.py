@@ -48,20 +48,18 @@ def atomic_path(path):
 
 def check_writable(path, inputs=()):
     """Raise ValueError naming `path` now, before long work, when no file can be written there, or
-    when writing it would replace one of the files `inputs` (under any name: a hard link, `./x`).
-    A symlink to an input is not one: the write replaces the link, not its target."""
+    when the write would replace one of the files `inputs`. The write renames a new file onto
+    the folder entry `path` names, so what it replaces is that entry: an input named there (by the
+    same path in other words, `./x`, or through a symlink to it) would be lost. A symlink at `path`
+    or a hard link to an input is replaced itself and the input stays."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: output path is a folder, expected a file path")
-    if path.exists() and not path.is_symlink():
-        out = path.stat()
-        for p in inputs:
-            try:
-                same = os.path.samestat(out, os.stat(p))
-            except (OSError, ValueError):   # not a file (a CLIP name, say): cannot be the output
-                continue
-            if same:
-                raise ValueError(f"{path}: is an input ({p}); writing the output there would destroy it")
+    entry = Path(os.path.realpath(path.parent)) / path.name
+    for p in inputs:   # those that are no file (a CLIP model's name, say) cannot be lost
+        if p is not None and os.path.exists(p) and Path(os.path.realpath(p)) == entry:
+            raise ValueError(f"{path}: is an input ({p}); writing the output there would "
+                             "destroy it")
     folder = path.parent
     while not folder.exists():   # missing folders are created at the write
         folder = folder.parent

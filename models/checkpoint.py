@@ -6,6 +6,7 @@ The metadata is ONE key holding one JSON object: safetensors writes its metadata
 order, so two keys would make the same checkpoint's bytes differ from run to run (and DVC would
 see a new file). Files with the earlier two keys ("config", "extra") are still read.
 """
+import dataclasses
 import json
 
 import torch
@@ -62,6 +63,8 @@ def load_trainable(model, path):
 
 def _copy_trainable(model, path, config, tensors):
     """Copy a checkpoint's tensors (read from `path`) into `model`, after checking they fit."""
+    if not config.decoder_id:   # a checkpoint from before decoder ids says nothing about it
+        config = dataclasses.replace(config, decoder_id=model.config.decoder_id)
     diff = config_differences(config, model.config)
     if diff:
         raise CheckpointError(f"{path}: made for another model configuration: " + "; ".join(diff))

@@ -4,6 +4,8 @@ import dataclasses
 
 import yaml
 
+from models.errors import ParamsError
+
 
 def load_params(path="params.yaml"):
     try:
@@ -19,29 +21,30 @@ def load_params(path="params.yaml"):
 
 
 def from_section(cls, section, source):
-    """cls(**section) for a params.yaml section (None: all defaults). Every error names `source`:
-    a section that is not a mapping, a key that is not a field of `cls` (a typo, a removed option),
-    a required field left out, a value the class's own checks refuse."""
+    """cls(**section) for a params.yaml section (None: all defaults). Every error is a ParamsError
+    naming `source`: a section that is not a mapping, a key that is not a field of `cls` (a typo,
+    a removed option), a required field left out, a value the class's own checks refuse."""
     if section is not None and not isinstance(section, dict):
-        raise ValueError(f"{source}: expected a mapping of parameters, got {type(section).__name__} "
-                         f"{section!r}")
+        raise ParamsError(f"{source}: expected a mapping of parameters, got "
+                          f"{type(section).__name__} {section!r}")
     section = dict(section or {})
     fields = dataclasses.fields(cls)
     known = {f.name for f in fields}
     unknown = set(section) - known
     if unknown:
-        raise ValueError(f"{source}: unknown parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise ParamsError(f"{source}: unknown parameter(s) {sorted(unknown)}; "
+                          f"known: {sorted(known)}")
     required = [f.name for f in fields if f.name not in section and f.init
                 and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if required:
-        raise ValueError(f"{source}: missing parameter(s) {required}")
+        raise ParamsError(f"{source}: missing parameter(s) {required}")
     for f in fields:
         if f.name in section:
             section[f.name] = _number(section[f.name], f.type, f"{source}.{f.name}")
     try:
         return cls(**section)
     except ValueError as e:   # __post_init__'s checks do not know where the values came from
-        raise ValueError(f"{source}: {e}") from None
+        raise ParamsError(f"{source}: {e}") from None
 
 
 def _number(value, kind, name):
@@ -54,12 +57,12 @@ def _number(value, kind, name):
         try:
             value = float(value)
         except ValueError:
-            raise ValueError(f"{name}={value!r}: expected a number") from None
+            raise ParamsError(f"{name}={value!r}: expected a number") from None
     if not isinstance(value, (int, float)):
-        raise ValueError(f"{name}={value!r}: expected a number")
+        raise ParamsError(f"{name}={value!r}: expected a number")
     if kind is int:
         if value != int(value):
-            raise ValueError(f"{name}={value!r}: expected a whole number")
+            raise ParamsError(f"{name}={value!r}: expected a whole number")
         return int(value)
     return float(value)
 

@@ -17,7 +17,8 @@ Decoding starts from `<|endoftext|>` (the course's start token) and stops at it.
 `tokens` are the generated ids, ending with the end token when the model emitted it; its
 `logprob` is the sum of the model's log-probabilities of those tokens (untempered, unfiltered;
 the end token counts as a token; during the first `min_new_tokens` steps the end token is masked
-before normalising, so those steps' log-probabilities are over the other tokens). Beam search ranks by `logprob / len(tokens) ** length_penalty`.
+before normalising, so those steps' log-probabilities are over the other tokens). Beam search
+ranks by `logprob / len(tokens) ** length_penalty`.
 """
 import dataclasses
 from dataclasses import dataclass

@@ -12,6 +12,10 @@ class InputError(Exception):
     """An input that cannot be used; str() names the file and the problem."""
 
 
+class ParamsError(InputError, ValueError):
+    """A params.yaml section (or any settings) that cannot be used; str() names where it is."""
+
+
 def run_stage(main):
     """Run a stage's main(): an InputError or a missing file ends it with that one line and exit
     status 1, instead of a traceback."""
@@ -22,10 +26,16 @@ def run_stage(main):
 
 
 def load_failure(e):
-    """Why torch.load(weights_only=True) failed, in a few words: without torch's own advice to
-    re-run it unsafely, which for a JSON file, say, would be wrong as well as dangerous."""
-    if isinstance(e, pickle.UnpicklingError):
-        return ("not a plain tensor file: weights-only loading refuses it (it is no torch file, or "
-                "it holds pickled Python objects)")
+    """Why torch.load(weights_only=True) failed, in a few words: torch's reason, without its
+    advice to re-run it unsafely (for a JSON file, say, that would be wrong as well as unsafe)."""
     text = str(e).strip()
+    if isinstance(e, pickle.UnpicklingError):
+        marker = "WeightsUnpickler error:"
+        if marker in text:   # the reason, e.g. "Unsupported global: GLOBAL print was not allowed"
+            text = text.split(marker, 1)[1].strip()
+        elif text.startswith("Weights only load failed"):
+            text = ""
+        reason = text.splitlines()[0].split(". ")[0][:200] if text else ""
+        return "not a plain tensor file, refused by weights-only loading" + (
+            f": {reason}" if reason else "")
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__

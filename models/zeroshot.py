@@ -21,7 +21,7 @@ from models.atomic import atomic_open, atomic_path
 from models.clip_io import clip
 from models.config import from_section
 from models.device import resolve_device
-from models.errors import InputError
+from models.errors import InputError, ParamsError
 from models.imageio import image_loader, report_skip
 
 PLACEHOLDER = "{object}"
@@ -47,20 +47,22 @@ class ZeroShotConfig:
 
     @classmethod
     def from_params(cls, section, source="params.yaml"):
+        if section is None:   # an empty `zeroshot:` would otherwise quietly mean the demo CLIP
+            raise ParamsError(f"{source}: the zeroshot section is empty")
         cfg = from_section(cls, section, f"{source}: zeroshot")
         for name in ("templates", "ensemble"):
             try:
                 check_templates(getattr(cfg, name))
             except ValueError as e:
-                raise ValueError(f"{source}: zeroshot.{name}: {e}") from None
+                raise ParamsError(f"{source}: zeroshot.{name}: {e}") from None
         for name in ("batch_size", "n_top5", "n_confused", "num_workers", "seed"):
             v = getattr(cfg, name)
             if not isinstance(v, int) or v < (1 if name == "batch_size" else 0):
-                raise ValueError(f"{source}: zeroshot.{name} must be a non-negative integer"
-                                 f"{' >= 1' if name == 'batch_size' else ''}, got {v!r}")
+                raise ParamsError(f"{source}: zeroshot.{name} must be a non-negative integer"
+                                  f"{' >= 1' if name == 'batch_size' else ''}, got {v!r}")
         if cfg.predict_with != "ensemble" and cfg.predict_with not in cfg.templates:
-            raise ValueError(f"{source}: zeroshot.predict_with must be 'ensemble' or one of "
-                             f"zeroshot.templates, got {cfg.predict_with!r}")
+            raise ParamsError(f"{source}: zeroshot.predict_with must be 'ensemble' or one of "
+                              f"zeroshot.templates, got {cfg.predict_with!r}")
         return cfg
 
     def prediction_templates(self):
@@ -124,7 +126,8 @@ def true_labels(paths, id2label, stream=None):
     for names, what in ((unnamed, "not named {class_id}_{n}.ext: left out of the accuracy"),
                         (unknown, "of a class id that id2label.json lacks: counted as wrong")):
         if names:
-            print(f"note: {len(names)} image(s) {what}, e.g. {names[:3]}", file=stream or sys.stderr)
+            print(f"note: {len(names)} image(s) {what}, e.g. {names[:3]}",
+                  file=stream or sys.stderr)
     return true
 
 

@@ -41,10 +41,7 @@ def main(argv=None):
     decode = dict(params["decode"])
     batch_size = decode.pop("batch_size")
     world = World.from_params(params, args.params)
-    try:
-        config = DecodeConfig.from_dict(decode, f"{args.params}: decode")
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    config = DecodeConfig.from_dict(decode, f"{args.params}: decode")
     model, _ = load_captioner(Path("checkpoints") / args.variant / "model.safetensors",
                               world.decoder, device)
     tokenizer = world.tokenizer()

@@ -83,11 +83,8 @@ def main(argv=None):
             raise SystemExit(f"{args.params}: missing the {name} section")
     section = dict(params["demo_clip"])
     template = section.pop("template", DEFAULT_TEMPLATE)
-    try:
-        scene_cfg = SceneConfig.from_dict(params["demo_data"])
-        cfg = DemoClipConfig.from_dict(section)
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"{args.params}: {e}") from None
+    scene_cfg = SceneConfig.from_dict(params["demo_data"], f"{args.params}: demo_data")
+    cfg = DemoClipConfig.from_dict(section, f"{args.params}: demo_clip")
 
     try:
         resolution = cfg.model_resolution(scene_cfg.image_size)

@@ -21,10 +21,7 @@ def main(argv=None):
     params = load_params(args.params)
     if not isinstance(params.get("demo_data"), dict):
         raise SystemExit(f"{args.params}: missing the demo_data section")
-    try:
-        cfg = SceneConfig.from_dict(params["demo_data"])
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"{args.params}: demo_data: {e}") from None
+    cfg = SceneConfig.from_dict(params["demo_data"], f"{args.params}: demo_data")
     root = write_hw3_data(args.out, cfg)
     n_caps = len(json.loads((root / "p2_data" / "train.json").read_text())["annotations"])
     print(f"demo world in {root}: {cfg.n_classes} classes x {cfg.n_p1_per_class} p1 images, "

@@ -46,16 +46,19 @@ def main(argv=None):
             raise SystemExit(f"{args.params}: extract.clipscore_splits names {split!r}, "
                              f"which is not in extract.splits ({sorted(p['splits'])})")
 
-    # a run killed half-way must not leave the previous run's files beside its own
-    remove_outputs(*[out_dir / f"{split}.h5" for split in p["splits"]],
-                   *[out_dir / f"clipscore_{split}.h5" for split in score_splits])
+    images = {split: list_images(root / folder, stream=sys.stderr)
+              for split, folder in p["splits"].items()}
     cfg = EncoderConfig.from_dict(p["encoder"], f"{args.params}: extract.encoder")
     eid = encoder_id(cfg)
     encoder = build_encoder(cfg, device=device)
     print(f"encoder {eid}: {encoder.num_tokens} tokens x {encoder.width}, grid {encoder.grid}, "
           f"device {device}", file=sys.stderr)
-    for split, folder in p["splits"].items():
-        paths = list_images(root / folder, stream=sys.stderr)
+    if score_splits:
+        model, preprocess = load_clip(world["clip"], device=device)
+    # inputs checked: a run killed from here on must not leave the previous run's files behind
+    remove_outputs(*[out_dir / f"{split}.h5" for split in p["splits"]],
+                   *[out_dir / f"clipscore_{split}.h5" for split in score_splits])
+    for split, paths in images.items():
         t0 = time.perf_counter()
         skipped = write_features(out_dir / f"{split}.h5", encoder, paths, eid, desc=split, **common)
         dt = time.perf_counter() - t0
@@ -64,12 +67,11 @@ def main(argv=None):
     del encoder
 
     if score_splits:
-        model, preprocess = load_clip(world["clip"], device=device)
         mid = encoder_id(EncoderConfig(kind="clip", name=world["clip"]))
         for split in score_splits:
-            paths = list_images(root / p["splits"][split], stream=sys.stderr)
             out = out_dir / f"clipscore_{split}.h5"
-            write_clip_embeddings(out, model, preprocess, paths, mid, desc=f"clipscore {split}", **common)
+            write_clip_embeddings(out, model, preprocess, images[split], mid,
+                                  desc=f"clipscore {split}", **common)
             print(f"clipscore {split}: {out}", file=sys.stderr)
 
 

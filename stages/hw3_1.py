@@ -7,7 +7,8 @@ ensemble/templates), the same as the zeroshot stage's predictions/p1.csv.
 
 Exit status: 0 every image classified; 3 some image files were unreadable (one stderr line each),
 the CSV holds all the others; 1 fatal (missing or empty folder, no readable image, an output path
-that cannot be written, bad id2label.json, bad params or checkpoint): nothing written; 2 usage error.
+that cannot be written or that is an input, bad id2label.json, bad params or checkpoint): nothing
+written; 2 usage error.
 """
 import argparse
 import sys
@@ -43,7 +44,7 @@ def load_config(params_path, clip_override=None):
     return cfg
 
 
-def run(img_dir, id2label_path, out_csv, cfg, batch_size=None, num_workers=None):
+def run(img_dir, id2label_path, out_csv, cfg, batch_size=None, num_workers=None, params_path=None):
     """Returns the exit status; raises on fatal errors before anything is written."""
     from models.atomic import check_writable
     from models.clip_io import load_clip
@@ -53,7 +54,7 @@ def run(img_dir, id2label_path, out_csv, cfg, batch_size=None, num_workers=None)
     out_csv = Path(out_csv)
     id2label = read_id2label(id2label_path)
     paths = list_images(img_dir, stream=sys.stderr)
-    check_writable(out_csv, inputs=[id2label_path, cfg.clip, *paths])
+    check_writable(out_csv, inputs=[id2label_path, params_path, cfg.clip, *paths])
     device = cfg.torch_device()
     model, preprocess = load_clip(cfg.clip, device=device)
     emb = embed_images(model, preprocess, paths, batch_size=batch_size or cfg.batch_size,
@@ -86,7 +87,8 @@ def main(argv=None):
         cfg = load_config(args.params, args.clip)
         if args.device:
             cfg.device = resolve_device(args.device, "--device")
-        return run(args.img_dir, args.id2label, args.out_csv, cfg, args.batch_size, args.num_workers)
+        return run(args.img_dir, args.id2label, args.out_csv, cfg, args.batch_size,
+                   args.num_workers, args.params)
     except (InputError, ValueError, OSError) as e:
         print(f"hw3_1: error: {e}", file=sys.stderr)
         return EXIT_FATAL

@@ -7,7 +7,8 @@ tokenizer files, the image encoder and decoding settings) and the frozen GPT-2 a
 
 Exit status: 0 every image captioned; 3 some image files were unreadable (one stderr line each),
 the JSON holds all the others; 1 fatal (missing or empty folder, no readable image, an output path
-that cannot be written, a decoder or checkpoint that does not fit): nothing written; 2 usage error.
+that cannot be written or that is an input, a decoder or checkpoint that does not fit): nothing
+written; 2 usage error.
 """
 import argparse
 import os

@@ -31,12 +31,9 @@ def variant_config(params, source, variant, decoder, features, tokenizer):
         raise SystemExit(f"{source}: no variant {variant!r} under `variants:` "
                          f"(have {sorted(params['variants'])})")
     v = params["variants"][variant]
-    try:
-        bridge = from_section(BridgeConfig, {**params["bridge"], "kind": v["bridge"]},
-                              f"{source}: bridge")
-        peft = from_section(PeftConfig, {**params["peft"], "method": v["peft"]}, f"{source}: peft")
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    bridge = from_section(BridgeConfig, {**params["bridge"], "kind": v["bridge"]},
+                          f"{source}: bridge")
+    peft = from_section(PeftConfig, {**params["peft"], "method": v["peft"]}, f"{source}: peft")
     return CaptionerConfig(
         decoder=decoder.config, visual_width=features.width, visual_tokens=features.num_tokens,
         bridge=bridge, peft=peft, encoder_id=features.encoder_id, tokenizer_id=tokenizer.identity,
@@ -57,10 +54,7 @@ def main(argv=None):
     checkpoint = Path("checkpoints") / args.variant / "model.safetensors"
     history_file = Path("plots") / "train" / f"{args.variant}.json"
     metrics_file = Path("metrics") / "train" / f"{args.variant}.json"
-    try:
-        train_config = from_section(TrainConfig, params["train"], f"{args.params}: train")
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    train_config = from_section(TrainConfig, params["train"], f"{args.params}: train")
     world = World.from_params(params, args.params)
     device = torch.device(resolve_device())
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -86,7 +86,7 @@ def main(argv=None):
     model, tokenizer, encoder, selected = (release.model, release.tokenizer, release.encoder,
                                            release.selected)
     decode, _ = release.decode_settings()
-    decode_config = DecodeConfig.from_dict({**decode, **decode_override}, f"{args.params} visualize")
+    decode_config = DecodeConfig.from_dict({**decode, **decode_override}, f"{args.params}: visualize.decode")
     variant = selected["variant"]
     draw = Drawer(model, tokenizer, encoder, decode_config, map_config,
                   shape_vocabulary(SHAPE_WORDS))

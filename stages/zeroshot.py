@@ -39,10 +39,7 @@ def main(argv=None):
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    try:
-        cfg = zs.ZeroShotConfig.from_params(params.get("zeroshot"), args.params)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    cfg = zs.ZeroShotConfig.from_params(params.get("zeroshot"), args.params)
     torch.manual_seed(cfg.seed)
 
     data_root = cfg.data_root or params.get("world", {}).get("data_root")

@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from models.bridges import BRIDGES, BridgeConfig
 from models.captioner import Captioner, CaptionerConfig, build_on_meta
 from models.checkpoint import load_captioner, load_trainable, read_checkpoint, save_trainable
-from models.gpt2 import (GPT2, CheckpointError, GPT2Config, course_state_dict, load_course_state_dict,
-                         weights_id)
+from models.gpt2 import (GPT2, CheckpointError, GPT2Config, course_state_dict,
+                         load_course_state_dict, weights_id)
 from models.peft import PeftConfig
 from models.tokenizer import caption_batch
 from scripts.param_table import LIMIT, markdown, parameter_table

@@ -10,6 +10,7 @@ from PIL import Image
 
 from demo import scenes
 from demo.scenes import COLOURS, SHAPE_WORDS, SceneConfig, write_hw3_data
+from models.errors import ParamsError
 
 TINY = dict(seed=3, image_size=48, n_train=12, n_val=4, n_classes=12, n_p1_per_class=2)
 
@@ -220,6 +221,6 @@ def test_stage_stops_on_bad_params(tmp_path):
     from stages import demo_data
     params = tmp_path / "params.yaml"
     params.write_text("demo_data:\n  n_train: 0\n")
-    with pytest.raises(SystemExit, match="n_train"):
+    with pytest.raises(ParamsError, match=r"params\.yaml: demo_data: SceneConfig\.n_train=0"):
         demo_data.main(["--params", str(params), "--out", str(tmp_path / "hw3_data")])
     assert not (tmp_path / "hw3_data").exists()

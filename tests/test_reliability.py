@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.atomic import atomic_dir, check_writable
+from models.atomic import atomic_dir, atomic_path, check_writable
 from tests.tiny_world import build_tiny_world
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,6 +167,18 @@ def test_training_stopped_by_bad_input_keeps_the_previous_outputs(world, section
     assert [p.read_bytes() for p in outputs] == before
 
 
+def test_extraction_stopped_by_bad_input_keeps_the_previous_features(world):
+    if not (world / "features/train.h5").exists():
+        stage(world, "stages.extract")
+    features = snapshot(world / "features", "*.h5")
+    params = yaml.safe_load((world / "params.yaml").read_text())
+    params["extract"]["encoder"]["name"] = "nothere.pt"
+    (world / "bad.yaml").write_text(yaml.safe_dump(params))
+    stderr = failed_stage(world, "bad.yaml", "stages.extract")
+    assert "nothere.pt" in stderr and "Traceback" not in stderr, stderr
+    assert_same_files(features, world / "features")
+
+
 def test_decoding_stopped_by_unreadable_features_keeps_the_previous_predictions(world):
     if not (world / "checkpoints/lora/model.safetensors").exists():
         if not (world / "features/train.h5").exists():
@@ -203,9 +215,17 @@ def test_an_output_path_that_names_an_input_is_refused(tmp_path):
     image.write_bytes(b"png")
     os.link(image, tmp_path / "hard.png")
     (tmp_path / "link.png").symlink_to(image)
+    (tmp_path / "sub").mkdir()
     inputs = [image, "ViT-B/32", tmp_path / "missing.bin"]
-    for out in (image, tmp_path / "." / "a.png", tmp_path / "hard.png"):
+    for out in (image, tmp_path / "sub" / ".." / "a.png"):
         with pytest.raises(ValueError, match="is an input"):
             check_writable(out, inputs)
+    with pytest.raises(ValueError, match="is an input"):   # an input given through a symlink
+        check_writable(image, [tmp_path / "link.png"])
     check_writable(elsewhere, inputs)              # a new file
-    check_writable(tmp_path / "link.png", inputs)  # the write replaces the link, not the image
+    # the write replaces the link itself, or this name of the file, and the image stays
+    for out in (tmp_path / "link.png", tmp_path / "hard.png"):
+        check_writable(out, inputs)
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(b"output")
+        assert image.read_bytes() == b"png" and out.read_bytes() == b"output"

@@ -115,13 +115,16 @@ def test_train_section_numbers_written_as_strings_are_read_as_numbers():
 
 def test_every_params_section_error_names_its_source():
     from models.config import from_section
+    from models.errors import ParamsError
     from models.world import World
-    for section, message in ((["lr", 1], r"^p\.yaml: train: expected a mapping of parameters, got list"),
-                             ({"epochs": 0}, r"^p\.yaml: train: train\.epochs=0: must be at least 1"),
-                             ({"precision": "fp8"}, r"^p\.yaml: train: train\.precision='fp8'")):
+    for section, message in (
+            (["lr", 1], r"^p\.yaml: train: expected a mapping of parameters, got list"),
+            ({"epochs": 0}, r"^p\.yaml: train: train\.epochs=0: must be at least 1"),
+            ({"precision": "fp8"}, r"^p\.yaml: train: train\.precision='fp8'")):
         with pytest.raises(ValueError, match=message):
             from_section(TrainConfig, section, "p.yaml: train")
-    with pytest.raises(SystemExit, match=r"p\.yaml: world: missing parameter\(s\) \['decoder_heads'"):
+    with pytest.raises(ParamsError, match=r"p\.yaml: world: missing parameter\(s\) "
+                                          r"\['decoder_heads'"):
         World.from_params({"world": {"data_root": "d", "decoder": "x.bin", "encoder_json": "e",
                                      "vocab_bpe": "v", "clip": "c"}}, "p.yaml")
 
