@@ -191,7 +191,7 @@ def test_decoding_stopped_by_unreadable_features_keeps_the_previous_predictions(
     try:
         p3.write_bytes(intact[: len(intact) // 2])
         stderr = failed_stage(world, "params.yaml", "stages.decode", "--variant", "lora")
-        assert "features/p3.h5" in stderr, stderr
+        assert "features/p3.h5" in stderr and "Traceback" not in stderr, stderr
         assert_same_files(predictions, world / "predictions/lora")   # none removed, none rewritten
     finally:
         p3.write_bytes(intact)
