@@ -15,6 +15,7 @@ Writes figures/attention/ whole: <p3 name>.png, val_best.png, val_worst.png, sum
 and figures/pos_embed_similarity.png.
 """
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -86,7 +87,8 @@ def main(argv=None):
     model, tokenizer, encoder, selected = (release.model, release.tokenizer, release.encoder,
                                            release.selected)
     decode, _ = release.decode_settings()
-    decode_config = DecodeConfig.from_dict({**decode, **decode_override}, f"{args.params}: visualize.decode")
+    decode_config = DecodeConfig.from_dict({**decode, **decode_override},
+                                           f"{args.params}: visualize.decode")
     variant = selected["variant"]
     draw = Drawer(model, tokenizer, encoder, decode_config, map_config,
                   shape_vocabulary(SHAPE_WORDS))
@@ -106,6 +108,7 @@ def main(argv=None):
     if not ranked:
         sys.exit(f"{scores_path}: no per-image clipscore (score.metrics must include clipscore)")
     val_paths = image_paths(world.image_dir("val"))
+    pe = patch_positional_embeddings(encoder)   # an encoder without them fails before any output
 
     with atomic_dir(OUT) as tmp:
         p3_entries = []
@@ -127,14 +130,14 @@ def main(argv=None):
                       f"(decode settings changed since scoring?)", file=sys.stderr)
             val_entries[which] = entry
         summary = {
-            "variant": variant, "decode": decode, "maps": map_config.__dict__,
+            "variant": variant, "decode": dataclasses.asdict(decode_config),  # as decoded here
+            "maps": map_config.__dict__,
             "ground_truth_objects": objects is not None,
             "p3": p3_entries, "val": val_entries,
             "shape_word_hits": count_hits(p3_entries) if objects is not None else None,
         }
         write_json(tmp / "summary.json", summary)
 
-    pe = patch_positional_embeddings(encoder)
     plot_similarity_grid(POS_EMBED, pe.cpu(), encoder.grid,
                          title=f"Positional embedding similarity ({encoder.grid[0]}x{encoder.grid[1]} patches)")
     for e in p3_entries:

@@ -285,7 +285,7 @@ def make_pipeline(root, clip_path, bridge, peft):
                         "vocab_bpe": str(data / "p2_data" / "vocab.bpe"), "clip": str(clip_path)},
               "demo_data": scene_cfg,
               "visualize": {"layers": "all", "head_reduce": "mean", "layer_reduce": "mean",
-                            "word_merge": "mean"}}
+                            "word_merge": "mean", "decode": {"max_new_tokens": 9}}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return model, tok
 
@@ -314,6 +314,9 @@ def test_visualize_stage_draws_every_word_for_both_bridge_kinds(tmp_path, clip_p
         for w in e["words"]:
             assert 0 <= w["patch"][0] < 4 and 0 <= w["patch"][1] < 4
     assert (tmp_path / "figures" / "pos_embed_similarity.png").is_file()
+    # the settings that made these captions: the release's, with visualize.decode on top
+    assert summary["decode"]["max_new_tokens"] == 9
+    assert all(len(e["words"]) <= 9 for e in summary["p3"])
 
 
 def test_demo_objects_are_refused_for_images_that_are_not_the_scenes(tmp_path):

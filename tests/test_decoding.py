@@ -185,6 +185,44 @@ def test_captured_cross_attention_is_a_distribution_over_image_tokens(bridge, la
             torch.testing.assert_close(c.attention, n.attention, atol=1e-4, rtol=1e-4)
 
 
+def one_pass_attention(model, visual, tokens):
+    """The image attention of each generated token, from ONE teacher-forced forward over
+    [start, tokens[:-1]]: row t is what the step that generated tokens[t] attended to. Written
+    out from the forward's own capture, independently of decoding's bookkeeping."""
+    ids = torch.tensor([[EOT_ID] + tokens[:-1]])
+    ctx = model.context(visual[None])
+    with torch.no_grad():
+        _, captured = model(ctx, ids, capture=True)
+    if model.config.bridge.kind != "prefix":   # cross-attention: [1, heads, T, V] per block
+        return torch.stack([torch.stack([cross[0, :, t] for _, cross in captured if cross is not None])
+                            for t in range(ids.size(1))])
+    # self-attention keys: [prefix-tuning keys | visual tokens | soft prompt | text]; queries:
+    # [visual tokens | soft prompt | text]
+    start = model.config.peft.prefix_length if model.config.peft.method == "prefix" else 0
+    n_prefix = ctx.prefix_embeds.size(1)
+    return torch.stack([torch.stack([self_att[0, :, n_prefix + t, start:start + V_TOKENS]
+                                     for self_att, _ in captured])
+                        for t in range(ids.size(1))])
+
+
+@pytest.mark.parametrize("bridge,peft,eot_boost", [
+    ("gated_cross", "lora", 10), ("cross", "adaption", 4), ("prefix", "prefix", 10),
+    ("prefix", "prompt", 10)])
+def test_captured_attention_is_the_generating_steps_own(bridge, peft, eot_boost):
+    """Every token's map is the attention of the step that generated it, in the beam that won
+    (not another beam's, not the next step's), over the image's keys only (not prefix-tuning's
+    keys or a soft prompt), whether or not its caption ended early."""
+    model, visual = tiny_model(bridge, peft), images(4)
+    with torch.no_grad():   # a likelier end token, so that the captions end at varied steps
+        model.decoder.wte.weight[EOT_ID] *= eot_boost
+    for config in (GREEDY, DecodeConfig(method="beam", beam_size=3, max_new_tokens=12)):
+        hyps = generate(model, visual, config, EOT_ID, capture=True)
+        assert len({len(h.tokens) for h in hyps}) > 1
+        for image, h in zip(visual, hyps):
+            torch.testing.assert_close(h.attention, one_pass_attention(model, image, h.tokens),
+                                       atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("peft", ["prefix", "prompt", "none"])
 def test_captured_prefix_attention_shape(peft):
     model, visual = tiny_model("prefix", peft), images(3)
