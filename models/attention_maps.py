@@ -37,7 +37,7 @@ END_LABEL = "<|endoftext|>"
 
 @dataclass
 class AttentionMapConfig:
-    layers: object = "all"  # "all" | "last" | block index | [first, last] (inclusive)
+    layers: object = "all"  # "all" | "last" | block index | [first, last] (inclusive); -1: last
     head_reduce: str = "mean"
     layer_reduce: str = "mean"
     word_merge: str = "mean"
@@ -80,17 +80,20 @@ def captured_blocks(model):
 
 def select_layers(spec, blocks, n_layer):
     """Positions (rows of the captured attention) of the decoder blocks named by `spec`."""
+    def block_of(i):   # -1: the last block
+        return i % n_layer if -n_layer <= i < 0 else i
+
     if spec == "all":
         return list(range(len(blocks)))
     if spec == "last":
         return [len(blocks) - 1]
     if isinstance(spec, int):
-        block = spec % n_layer if -n_layer <= spec < 0 else spec
+        block = block_of(spec)
         if block not in blocks:
             raise ValueError(f"visualize.layers={spec}: block {block} has no attention over the "
                              f"image (blocks with it: {blocks})")
         return [blocks.index(block)]
-    first, last = spec
+    first, last = map(block_of, spec)
     chosen = [i for i, b in enumerate(blocks) if first <= b <= last]
     if not chosen:
         raise ValueError(f"visualize.layers={list(spec)}: no block in that range has attention "

@@ -81,6 +81,7 @@ def test_layer_selection_and_reductions():
     assert select_layers("last", blocks, 4) == [1]
     assert select_layers(3, blocks, 4) == [1] and select_layers(-1, blocks, 4) == [1]
     assert select_layers([0, 2], blocks, 4) == [0]
+    assert select_layers([-2, -1], blocks, 4) == [1] and select_layers([0, -1], blocks, 4) == [0, 1]
     with pytest.raises(ValueError, match="block 0 has no attention over the image"):
         select_layers(0, blocks, 4)
     with pytest.raises(ValueError, match="no block in that range"):
