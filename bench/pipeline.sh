@@ -34,7 +34,9 @@ step() {   # step LABEL COMMAND...: run it, log to $DIR/bench_LABEL.log, record 
     fi
     end=$(date +%s.%N)
     local ran
-    ran=$(grep -oE "Running stage '[^']+'" "$log" | sed -E "s/Running stage '([^']+)'/\1/" | paste -sd ' ' -)
+    # a no-op repro runs no stage: grep finds nothing, which must not stop the script (set -e)
+    ran=$({ grep -oE "Running stage '[^']+'" "$log" || true; } \
+          | sed -E "s/Running stage '([^']+)'/\1/" | paste -sd ' ' -)
     local secs
     secs=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
     ROWS+=("$(printf '%-28s %9s s   %s' "$label" "$secs" "${ran:-(none)}")")
