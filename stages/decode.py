@@ -21,9 +21,9 @@ from models.features import FeatureFile
 from models.world import World
 
 
-def caption_split(model, tokenizer, path, config, batch_size, device, permutation=None):
-    features = FeatureFile(path, in_memory=True)
-    features.require_encoder(model.config.encoder_id)
+def caption_split(model, tokenizer, features, config, batch_size, device, permutation=None):
+    """{name: caption} of a FeatureFile's rows; with `permutation`, row i is captioned from the
+    tokens of row permutation[i]."""
     n = len(features)
     order = permutation if permutation is not None else range(n)
     rows = ((features.names[i], features[j].float()) for i, j in zip(range(n), order))
@@ -48,25 +48,27 @@ def main(argv=None):
     if tokenizer.identity != model.config.tokenizer_id:
         raise SystemExit(f"{world.encoder_json}, {world.vocab_bpe}: not the vocabulary the "
                          f"{args.variant} checkpoint was trained with")
-    for split in ("val", "p3"):   # unreadable or stale features stop the run before anything goes
-        with FeatureFile(f"features/{split}.h5") as features:
-            features.require_encoder(model.config.encoder_id)
-            if split == "val":
-                n_val = len(features)
+    # read once, and checked: unreadable or stale features stop the run before anything goes
+    features = {split: FeatureFile(f"features/{split}.h5", in_memory=True)
+                for split in ("val", "p3")}
+    for f in features.values():
+        f.require_encoder(model.config.encoder_id)
+    n_val = len(features["val"])
     if n_val < 2:
         raise SystemExit("decode: the blind baseline pairs each val image with another one's "
                          f"tokens; features/val.h5 has {n_val} image(s)")
     out = Path("predictions") / args.variant
     remove_outputs(*(out / f"{name}.json" for name in ("val", "p3", "val_blind")))
-    for split in ("val", "p3"):
-        captions = caption_split(model, tokenizer, f"features/{split}.h5", config, batch_size, device)
+    for split, f in features.items():
+        captions = caption_split(model, tokenizer, f, config, batch_size, device)
         write_json(out / f"{split}.json", captions)
     # A random cycle through the val set: no image is ever paired with its own tokens.
     cycle = torch.randperm(n_val, generator=torch.Generator().manual_seed(0)).tolist()
     permutation = [0] * n_val
     for a, b in zip(cycle, cycle[1:] + cycle[:1]):
         permutation[a] = b
-    blind = caption_split(model, tokenizer, "features/val.h5", config, batch_size, device, permutation)
+    blind = caption_split(model, tokenizer, features["val"], config, batch_size, device,
+                          permutation)
     write_json(out / "val_blind.json", blind)
 
 
