@@ -28,8 +28,8 @@ from models.caption_folder import caption_folder
 from models.decoding import DecodeConfig, generate
 from models.features import FeatureFile, write_features
 from models.imageio import list_images
-from models.training import (TrainConfig, frozen_linear_weights_in, make_optimizer,
-                             on_device_if_fits, train_step)
+from models.training import (TrainConfig, frozen_linear_weights_in, make_optimizer, train_step,
+                             training_steps)
 
 TRAIN_CAPTIONS = 10604 * 5      # one epoch of the course's train split
 VAL_IMAGES = 1789
@@ -114,6 +114,16 @@ TRAIN_SETTINGS = {
 }
 
 
+def steps_as(setting, model, tokens, tok, config, device):
+    """Inside: step(batch, lr), one training step as `setting` takes it."""
+    if setting == "as is":
+        return training_steps(model, tokens, tok, config, device)
+    model.to(device).train()
+    optimizer, params = make_optimizer(model, config, fused=False)
+    return contextlib.nullcontext(lambda b, lr: train_step(model, optimizer, params, b, tokens, tok,
+                                                           config, device, lr))
+
+
 def bench_training(features, decoder, variants, device, report, batch, steps, warmup,
                    profile_dir=None, settings=("as is",), rounds=1):
     tokens = FeatureFile(features, in_memory=True).read_rows(range(len(FeatureFile(features))))
@@ -131,28 +141,21 @@ def bench_training(features, decoder, variants, device, report, batch, steps, wa
         for _ in range(rounds):   # settings interleaved, the best round of each kept
             for setting in settings:
                 model = build_variant(decoder, variant, tokens.shape[2], tokens.shape[1])
-                model = model.to(device).train()
-                before = setting == "before"
-                source = tokens if before else on_device_if_fits(tokens, device)
-                optimizer, params = make_optimizer(model, config, fused=False if before else None)
-                frozen = contextlib.nullcontext() if before else \
-                    frozen_linear_weights_in(model, config.autocast_dtype(device))
-                with frozen:
-                    trainable = sum(p.numel() for p in params)
-                    per_caption = flops.CaptionerShape.of(model).train_per_caption(text_len)
-                    peak_reset(device)
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                per_caption = flops.CaptionerShape.of(model).train_per_caption(text_len)
+                peak_reset(device)
+                with steps_as(setting, model, tokens, tok, config, device) as step:
                     for b in batches[:warmup]:
-                        train_step(model, optimizer, params, b, source, tok, config, device, config.lr).item()
+                        step(b, config.lr).item()
                     with Stopwatch(device) as sw:
                         for b in batches[warmup:]:
-                            train_step(model, optimizer, params, b, source, tok, config, device,
-                                       config.lr).item()
+                            step(b, config.lr).item()
                     if setting not in best or sw.seconds < best[setting][0]:
                         best[setting] = (sw.seconds, peak_gib(device))
                     if profile_dir is not None and variant == variants[0]:
-                        profile_training(model, optimizer, params, batches[:6], source, tok, config,
-                                         device, profile_dir / f"profile_train_{setting.replace(' ', '_')}.txt")
-                del model, optimizer, source
+                        profile_training(step, batches[:6], config, device,
+                                         profile_dir / f"profile_train_{setting.replace(' ', '_')}.txt")
+                del model, step
         for setting in settings:
             seconds, mem = best[setting]
             rate = batch * steps / seconds
@@ -163,12 +166,12 @@ def bench_training(features, decoder, variants, device, report, batch, steps, wa
         profile_dir = None
 
 
-def profile_training(model, optimizer, params, batches, tokens, tok, config, device, path):
+def profile_training(step, batches, config, device, path):
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for b in batches:
-            train_step(model, optimizer, params, b, tokens, tok, config, device, config.lr).item()
+            step(b, config.lr).item()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     text = (prof.key_averages().table(sort_by=key, row_limit=25) + "\n\n"
             + prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))

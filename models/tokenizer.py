@@ -131,13 +131,15 @@ class Tokenizer:
         return self._bpe.decode(ids, skip_special_tokens=True)
 
 
-def caption_batch(token_lists, eot_id, max_len):
+def caption_batch(token_lists, eot_id, max_len, width_multiple=1):
     """Pad tokenised captions into the course's training layout.
 
     For a caption t1..tN:  input_ids = [eot, t1..tN, eot, eot...]   (padding uses eot, never 0:
                            targets   = [t1..tN, eot, -100, -100...]  id 0 is "!" in GPT-2)
                            attention_mask = 1 over [eot, t1..tN, eot], 0 over the padding
-    so targets[i] is the token that follows input_ids[i]. The width is the longest row in the batch.
+    so targets[i] is the token that follows input_ids[i]. The width is the longest row in the batch,
+    rounded up to a multiple of `width_multiple` (but at most max_len): compiled training meets a
+    few widths instead of one per caption length; the extra columns are padding.
     A caption longer than max_len - 2 tokens keeps its first max_len - 2 tokens and still ends with
     the eot target, so rows never exceed max_len and the model still learns to stop.
     Returns three LongTensors of shape [B, T] with T <= max_len.
@@ -151,6 +153,7 @@ def caption_batch(token_lists, eot_id, max_len):
     # calls per caption, 20% of a training step's calls at batch 64 (bench/ops.py).
     lengths = np.array([len(t) for t in token_lists])
     B, width = len(token_lists), int(lengths.max()) + 2
+    width = min(max_len, -(-width // width_multiple) * width_multiple)
     is_token = np.arange(width) < lengths[:, None]   # [B, width]: targets[i, j] is a caption token
     targets = np.full((B, width), IGNORE_INDEX, dtype=np.int64)
     targets[is_token] = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64,

@@ -17,6 +17,10 @@ from models.precision import DTYPES, autocast
 from models.scoring import cider, tokenize_pair
 from models.tokenizer import caption_batch, target_count
 
+# torch.compile modes for `train.compile` ("none": eager). reduce-overhead also replays CUDA graphs.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+COMPILE_WIDTH_STEP = 8   # compiled training pads caption widths to multiples of this
+
 
 @dataclass
 class TrainConfig:
@@ -31,6 +35,7 @@ class TrainConfig:
     val_batch_size: int = 64
     seed: int = 0
     precision: str = "auto"  # "auto": bf16 autocast on a GPU, fp32 on the CPU | "fp32" | "bf16"
+    compile: str = "none"  # torch.compile mode of the training loss (COMPILE_MODES); "none": eager
 
     def __post_init__(self):
         for name, least in (("epochs", 1), ("batch_size", 1), ("val_batch_size", 1),
@@ -40,6 +45,14 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)!r}: must be at least {least}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"train.precision={self.precision!r}: must be 'auto', 'fp32' or 'bf16'")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"train.compile={self.compile!r}: must be one of "
+                             f"{', '.join(map(repr, COMPILE_MODES))}")
+
+    @property
+    def width_multiple(self):
+        """Caption widths are rounded up to this: compiled code is specialised to shapes."""
+        return 1 if self.compile == "none" else COMPILE_WIDTH_STEP
 
     def autocast_dtype(self, device):
         """The autocast dtype on `device`, or None for plain fp32. "auto" takes bf16 only on a GPU
@@ -129,13 +142,44 @@ def on_device_if_fits(tokens, device, share=0.5):
     return tokens.to(device) if tokens.numel() * tokens.element_size() < share * free else tokens
 
 
-def batch_loss(model, pairs, tokens, tokenizer, config, device):
+@contextlib.contextmanager
+def compiled_loss(model, config):
+    """Inside: `model.loss`, compiled by torch.compile in mode `config.compile` ("none": the
+    eager method itself).
+
+    The batch and caption-width dimensions are compiled as dynamic, so one compilation serves
+    every batch (a size threshold inside inductor may add one more for small last batches). With
+    CUDA graphs (reduce-overhead) each distinct shape is recorded once, which the widths rounded
+    to COMPILE_WIDTH_STEP keep to a handful. Compiled code is cached per code object, so the
+    cache is reset on entry and exit: Captioner.loss of an earlier model must not count against
+    this one's recompile limit."""
+    if config.compile == "none":
+        yield model.loss
+        return
+    torch._dynamo.reset()
+    compiled = torch.compile(model.loss, mode=config.compile)
+
+    def loss(visual, input_ids, targets):
+        for t in (visual, input_ids, targets):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        for t in (input_ids, targets):
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+        torch.compiler.cudagraph_mark_step_begin()   # the previous step's graph outputs are spent
+        return compiled(visual, input_ids, targets)
+    try:
+        yield loss
+    finally:
+        torch._dynamo.reset()
+
+
+def batch_loss(model, pairs, tokens, tokenizer, config, device, loss=None):
+    """The loss of a batch of (image row, caption ids) pairs by `loss` (default: model.loss)."""
     image_rows = torch.tensor([i for i, _ in pairs])
     visual = gather_rows(tokens, image_rows).to(device, non_blocking=True)
     input_ids, targets, _ = caption_batch([t for _, t in pairs], tokenizer.eot_id,
-                                          config.max_caption_tokens)
+                                          config.max_caption_tokens, config.width_multiple)
     with autocast(device.type, config.autocast_dtype(device)):
-        return model.loss(visual.float(), input_ids.to(device), targets.to(device))
+        return (loss or model.loss)(visual.float(), input_ids.to(device), targets.to(device))
 
 
 def make_optimizer(model, config, fused=None):
@@ -155,18 +199,36 @@ def make_optimizer(model, config, fused=None):
     return optimizer, params
 
 
-def train_step(model, optimizer, params, batch, tokens, tokenizer, config, device, lr):
+def train_step(model, optimizer, params, batch, tokens, tokenizer, config, device, lr, loss=None):
     """One optimiser step on a batch of (image row, caption ids) pairs; returns the loss tensor.
-    `tokens[rows]` gives the batch's image tokens (bench/train.py passes other sources)."""
+    `tokens[rows]` gives the batch's image tokens (bench/train.py passes other sources); `loss`
+    computes it (default: model.loss; see compiled_loss)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = batch_loss(model, batch, tokens, tokenizer, config, device)
+    # Gradients dropped before the forward: their memory is free for it, and with CUDA graphs
+    # none of last step's graph outputs is still held when the next replay reuses it.
     optimizer.zero_grad(set_to_none=True)
+    loss = batch_loss(model, batch, tokens, tokenizer, config, device, loss)
     loss.backward()
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
     optimizer.step()
     return loss
+
+
+@contextlib.contextmanager
+def training_steps(model, tokens, tokenizer, config, device):
+    """Inside: step(batch, lr) -> loss tensor, one optimiser step as `train` takes it (bench/
+    measures this same step), with what makes it fast around it: the model on `device`, fused
+    AdamW on a GPU, the image-token table on the GPU if it fits, the frozen weights stored in the
+    autocast dtype, the loss compiled if `config.compile` says so."""
+    model.to(device).train()
+    optimizer, params = make_optimizer(model, config)
+    tokens = on_device_if_fits(tokens, device)
+    with frozen_linear_weights_in(model, config.autocast_dtype(device)), \
+            compiled_loss(model, config) as loss:
+        yield lambda batch, lr: train_step(model, optimizer, params, batch, tokens, tokenizer,
+                                           config, device, lr, loss)
 
 
 @torch.no_grad()
@@ -201,24 +263,20 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
     never leaves a checkpoint behind that looks like a finished one."""
     torch.manual_seed(config.seed)
     shuffler = random.Random(config.seed)
-    model.to(device).train()
-    optimizer, params = make_optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_pairs.pairs) / config.batch_size)
     total = steps_per_epoch * config.epochs
     subset = sorted(val_pairs.references)
     if config.val_images:
         subset = subset[:config.val_images]
-    train_tokens = on_device_if_fits(train_pairs.tokens, device)
-    history, best, step, start = [], None, 0, time.time()
-    with frozen_linear_weights_in(model, config.autocast_dtype(device)):
+    history, best, done, start = [], None, 0, time.time()
+    with training_steps(model, train_pairs.tokens, tokenizer, config, device) as step:
         for epoch in range(1, config.epochs + 1):
             running, count = 0.0, 0
             bar = tqdm(train_pairs.batches(config.batch_size, True, shuffler), total=steps_per_epoch,
                        desc=f"epoch {epoch}/{config.epochs}", leave=False)
             for batch in bar:
-                loss = train_step(model, optimizer, params, batch, train_tokens, tokenizer,
-                                  config, device, lr_at(step, total, config))
-                step += 1
+                loss = step(batch, lr_at(done, total, config))
+                done += 1
                 n = target_count([t for _, t in batch], config.max_caption_tokens)
                 value = loss.item()   # one host-device sync per step
                 running += value * n   # averages over target tokens, as the loss itself

@@ -1,0 +1,147 @@
+"""Training eager vs compiled (`train.compile`), side by side in one run: the time of the first
+pass (where compilation and CUDA-graph recording happen), steady captions/s, the speed-up, peak
+GPU memory, and how far the compiled losses are from the eager ones on the same batches. A third
+setting, eager at the compiled run's padded caption widths, tells what the padding alone costs.
+
+    python -m bench.compile                       # CPU: demo and real size, mode "default"
+    python -m bench.compile --device cuda --sizes real --batch-size 64 --steps 30 \\
+        --variants gated_cross:lora gated_cross:adapter gated_cross:prefix gated_cross:prompt \\
+                   gated_cross:adaption prefix:lora     # mode "reduce-overhead" (CUDA graphs)
+
+Both settings take `models.training.training_steps`, the step `train()` takes (fused AdamW, bf16
+autocast and bf16-stored frozen weights on a GPU, image tokens on the GPU), on a random fp16
+image-token table of the size's shape and random captions of 8-20 tokens, so that the batches
+have several widths, as an epoch's do. Each setting starts from the same weights and runs the
+same batches: a first pass, then `--rounds` timed passes (best kept). Inductor's compiled code
+goes to a new temp folder (unless TORCHINDUCTOR_CACHE_DIR is set), so the first pass includes a
+cold compilation, as on a first `dvc repro`; later runs on a machine reuse its cache.
+"""
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bench.common import (Stopwatch, add_device_args, build_variant, demo_decoder, fmt_rate,
+                          random_captions, real_decoder, sync, use_device)
+from bench.train import IdTokenizer
+from models.training import COMPILE_MODES, COMPILE_WIDTH_STEP, TrainConfig, training_steps
+
+SHAPES = {"demo": (65, 128), "real": (257, 1024)}   # image tokens x width: demo CLIP, ViT-L/14
+
+
+@dataclass
+class PaddedEager(TrainConfig):
+    """Eager training with the caption widths a compiled run pads to."""
+
+    @property
+    def width_multiple(self):
+        return COMPILE_WIDTH_STEP
+
+
+def label(mode):
+    padded = f"eager, widths padded to x{COMPILE_WIDTH_STEP}"
+    return {"none": "eager", "padded": padded}.get(mode, f"compiled, {mode}")
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+def run_setting(model, tokens, batches, tok, config, device, rounds):
+    """(seconds of the first pass, best seconds of a later pass, the first pass's losses)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with training_steps(model, tokens, tok, config, device) as step:
+        with Stopwatch(device) as first:
+            losses = [step(b, config.lr).item() for b in batches]
+        best = float("inf")
+        for _ in range(rounds):
+            with Stopwatch(device) as sw:
+                for b in batches:
+                    step(b, config.lr).item()
+            best = min(best, sw.seconds)
+    return first.seconds, best, losses
+
+
+def bench_size(size, args, device, log=print):
+    decoder, source = demo_decoder() if size == "demo" else real_decoder()
+    n_tokens, width = SHAPES[size]
+    vocab = decoder.config.vocab_size
+    tok = IdTokenizer()
+    tok.eot_id = vocab - 1
+    batch_size = args.batch_size or (32 if size == "demo" else 4)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(args.images, n_tokens, width, generator=g).half()
+    captions = random_captions(batch_size * args.steps, vocab, seed=1)
+    rows = torch.randint(args.images, (len(captions),), generator=g).tolist()
+    pairs = list(zip(rows, captions))
+    batches = [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
+    log(f"{size}: decoder {source}; image tokens {n_tokens} x {width}; {len(batches)} batches of "
+        f"{batch_size}")
+    rows_out = []
+    for variant in args.variants:
+        measured = {}
+        for mode in ("none", "padded", args.mode):
+            model = build_variant(decoder, variant, width, n_tokens)
+            config = PaddedEager(batch_size=batch_size) if mode == "padded" else \
+                TrainConfig(batch_size=batch_size, compile=mode)
+            first, steady, losses = run_setting(model, tokens, batches, tok, config, device,
+                                                args.rounds)
+            measured[mode] = (first, steady, losses, peak_gib(device))
+            del model
+            sync(device)
+            log(f"  {size} {variant} {label(mode)}: first pass {first:.1f} s, then "
+                f"{len(pairs) / steady:.1f} captions/s")
+        eager = measured["none"]
+        for mode, (first, steady, losses, mem) in measured.items():
+            diff = max(abs(a - b) / abs(a) for a, b in zip(eager[2], losses))
+            rows_out.append(dict(size=size, variant=variant, setting=label(mode), first_s=first,
+                                 rate=len(pairs) / steady, speedup=eager[1] / steady, mem=mem,
+                                 loss_diff=diff))
+    return rows_out
+
+
+def table(rows):
+    lines = [f"{'size':<5} {'variant':<22} {'setting':<30} {'first pass s':>12} "
+             f"{'captions/s':>11} {'vs eager':>9} {'peak GiB':>9} {'max loss rel. diff':>19}"]
+    for r in rows:
+        lines.append(f"{r['size']:<5} {r['variant']:<22} {r['setting']:<30} {r['first_s']:>12.1f} "
+                     f"{fmt_rate(r['rate']):>11} {r['speedup']:>8.2f}x {r['mem']:>9.1f} "
+                     f"{r['loss_diff']:>19.1e}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["demo", "real"], choices=list(SHAPES))
+    p.add_argument("--variants", nargs="+", default=["gated_cross:lora"],
+                   help="BRIDGE:PEFT, e.g. gated_cross:lora prefix:none cross:adapter")
+    p.add_argument("--mode", choices=COMPILE_MODES[1:], default=None,
+                   help="torch.compile mode (default: reduce-overhead on CUDA, else default)")
+    p.add_argument("--batch-size", type=int, default=0, help="captions per step (0: demo 32, real 4)")
+    p.add_argument("--steps", type=int, default=6, help="batches per pass")
+    p.add_argument("--rounds", type=int, default=2, help="timed passes after the first; best kept")
+    p.add_argument("--images", type=int, default=64, help="rows of the random image-token table")
+    add_device_args(p)
+    args = p.parse_args(argv)
+    device = use_device(args)
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_compile_")
+    args.mode = args.mode or ("reduce-overhead" if device.type == "cuda" else "default")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, {args.threads} CPU threads, mode "
+          f"{args.mode}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    rows = []
+    for size in args.sizes:
+        rows += bench_size(size, args, device)
+    print()
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
