@@ -55,6 +55,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
 class Stopwatch:
     """Wall seconds of a block, the device synchronised at both ends."""
 

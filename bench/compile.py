@@ -8,7 +8,7 @@ setting, eager at the compiled run's padded caption widths, tells what the paddi
         --variants gated_cross:lora gated_cross:adapter gated_cross:prefix gated_cross:prompt \\
                    gated_cross:adaption prefix:lora     # mode "reduce-overhead" (CUDA graphs)
 
-Both settings take `models.training.training_steps`, the step `train()` takes (fused AdamW, bf16
+All three settings take `models.training.training_steps`, the step `train()` takes (fused AdamW, bf16
 autocast and bf16-stored frozen weights on a GPU, image tokens on the GPU), on a random fp16
 image-token table of the size's shape and random captions of 8-20 tokens, so that the batches
 have several widths, as an epoch's do. Each setting starts from the same weights and runs the
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import (Stopwatch, add_device_args, build_variant, demo_decoder, fmt_rate,
-                          random_captions, real_decoder, sync, use_device)
+                          peak_gib, peak_reset, random_captions, real_decoder, sync, use_device)
 from bench.train import IdTokenizer
 from models.training import COMPILE_MODES, COMPILE_WIDTH_STEP, TrainConfig, training_steps
 
@@ -46,15 +46,9 @@ def label(mode):
     return {"none": "eager", "padded": padded}.get(mode, f"compiled, {mode}")
 
 
-def peak_gib(device):
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-
-
 def run_setting(model, tokens, batches, tok, config, device, rounds):
     """(seconds of the first pass, best seconds of a later pass, the first pass's losses)."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    peak_reset(device)
     with training_steps(model, tokens, tok, config, device) as step:
         with Stopwatch(device) as first:
             losses = [step(b, config.lr).item() for b in batches]

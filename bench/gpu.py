@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from bench import flops
-from bench.common import (Stopwatch, build_variant, fmt_rate, random_captions, real_decoder,
-                          real_encoder, synthetic_tokenizer, write_jpegs)
+from bench.common import (Stopwatch, build_variant, fmt_rate, peak_gib, peak_reset, random_captions,
+                          real_decoder, real_encoder, synthetic_tokenizer, write_jpegs)
 from bench.train import IdTokenizer
 from models.caption_folder import caption_folder
 from models.decoding import DecodeConfig, generate
@@ -40,16 +40,6 @@ def autocast(device, dtype):
     if dtype is None or device.type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
-
-
-def peak_reset(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(device):
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
 class Report:

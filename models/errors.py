@@ -4,8 +4,10 @@ An `InputError` says that an input cannot be used: a missing or corrupt file, a 
 wrong shape, an empty folder. Its str() names the file and the problem, so that one line is the
 whole report; anything else that goes wrong keeps its traceback.
 """
+import json
 import pickle
 import sys
+from pathlib import Path
 
 
 class InputError(Exception):
@@ -14,6 +16,19 @@ class InputError(Exception):
 
 class ParamsError(InputError, ValueError):
     """A params.yaml section (or any settings) that cannot be used; str() names where it is."""
+
+
+def read_json(path, missing, error=InputError):
+    """The JSON value in file `path`. Raises `error` with one line that names the file:
+    "<path>: <missing>" when there is no such file, "<path>: not valid JSON (...)" when it is not
+    UTF-8 JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
 
 
 def run_stage(main):

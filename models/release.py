@@ -5,13 +5,12 @@ release/
   encoder.json, vocab.bpe the vocabulary it was trained with
   selected.json           {variant, scores, encoder (EncoderConfig), decode, decoder_heads}
 """
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from models.checkpoint import load_captioner
 from models.encoders import EncoderConfig, build_encoder, encoder_id
-from models.errors import InputError
+from models.errors import InputError, read_json
 from models.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,13 +44,8 @@ def read_selected(release):
     """(selected.json as a dict, the released image encoder's EncoderConfig), its file paths made
     absolute against the repository (the demo CLIP, timm weights): hw3_2.sh runs anywhere."""
     selected_path = Path(release) / "selected.json"
-    try:
-        selected = json.loads(selected_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReleaseError(f"{selected_path}: missing: run `dvc repro select` "
-                           "(or `dvc pull select` in the real world)") from None
-    except json.JSONDecodeError as e:
-        raise ReleaseError(f"{selected_path}: not valid JSON ({e})") from None
+    selected = read_json(selected_path, "missing: run `dvc repro select` (or `dvc pull select` "
+                         "in the real world)", ReleaseError)
     missing = [k for k in ("encoder", "decode") if not isinstance(selected, dict) or k not in selected]
     if missing:
         raise ReleaseError(f"{selected_path}: no {' or '.join(map(repr, missing))} entry: "

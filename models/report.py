@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from models.attention_maps import pyplot, save_figure
+from models import errors
 from models.errors import InputError
 
 METRICS = (("cider", "CIDEr"), ("clipscore", "CLIPScore"), ("bleu4", "BLEU-4"),
@@ -27,15 +28,10 @@ class ReportError(InputError):
 
 
 def read_json(path, required=True):
-    path = Path(path)
-    if not path.is_file():
-        if required:
-            raise ReportError(f"{path}: missing (run `dvc repro` to make it)")
+    """A pipeline output; None for a missing one that is not `required`."""
+    if not required and not Path(path).is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: not valid JSON ({e})") from None
+    return errors.read_json(path, "missing (run `dvc repro` to make it)", ReportError)
 
 
 def fmt(x, digits=3):

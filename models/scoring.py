@@ -27,7 +27,6 @@ be read-only or shared by concurrent runs) and check Java's exit status and the 
 returns (pycocoevalcap silently mis-aligns captions otherwise). tests/test_scoring.py checks the
 result against pycocoevalcap's PTBTokenizer itself.
 """
-import json
 import os
 import re
 import shutil
@@ -40,6 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from models.errors import InputError, read_json
+from models.imageio import ImageReadError
 
 METRICS = ("cider", "clipscore", "bleu4", "meteor", "rougeL")
 CLIPSCORE_WEIGHT = 2.5
@@ -56,54 +58,47 @@ def _some(names, k=5):
 
 # ----------------------------------------------------------------------------- inputs
 
-def _read_json(path, what):
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+class CaptionFileError(InputError, ValueError):
+    """A references or predictions file (or dict) that cannot be scored; str() names it."""
 
 
 def load_references(path):
     """COCO-style captions file -> {file name without extension: [caption, ...]}, in file order."""
-    data = _read_json(path, "references")
+    data = read_json(path, "references file not found", CaptionFileError)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{path}: expected an object with 'images' and 'annotations' lists")
+        raise CaptionFileError(f"{path}: expected an object with 'images' and 'annotations' lists")
     if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
-        raise ValueError(f"{path}: 'images' and 'annotations' must be lists")
+        raise CaptionFileError(f"{path}: 'images' and 'annotations' must be lists")
     id_to_name, refs = {}, {}
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "file_name" not in img or "id" not in img:
-            raise ValueError(f"{path}: images[{i}] lacks 'file_name' or 'id': {img!r}")
+            raise CaptionFileError(f"{path}: images[{i}] lacks 'file_name' or 'id': {img!r}")
         if not isinstance(img["file_name"], str):
-            raise ValueError(f"{path}: images[{i}].file_name is not a string: {img['file_name']!r}")
+            raise CaptionFileError(f"{path}: images[{i}].file_name is not a string: {img['file_name']!r}")
         name = os.path.splitext(img["file_name"])[0]
         if img["id"] in id_to_name:
-            raise ValueError(f"{path}: image id {img['id']!r} appears twice in 'images'")
+            raise CaptionFileError(f"{path}: image id {img['id']!r} appears twice in 'images'")
         if name in refs:
-            raise ValueError(f"{path}: file name {img['file_name']!r} appears twice in 'images'")
+            raise CaptionFileError(f"{path}: file name {img['file_name']!r} appears twice in 'images'")
         id_to_name[img["id"]] = name
         refs[name] = []
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "caption" not in ann or "image_id" not in ann:
-            raise ValueError(f"{path}: annotations[{i}] lacks 'caption' or 'image_id': {ann!r}")
+            raise CaptionFileError(f"{path}: annotations[{i}] lacks 'caption' or 'image_id': {ann!r}")
         if not isinstance(ann["caption"], str):
-            raise ValueError(f"{path}: annotations[{i}].caption is not a string: {ann['caption']!r}")
+            raise CaptionFileError(f"{path}: annotations[{i}].caption is not a string: {ann['caption']!r}")
         if ann["image_id"] not in id_to_name:
-            raise ValueError(f"{path}: annotations[{i}] refers to image_id {ann['image_id']!r}, "
+            raise CaptionFileError(f"{path}: annotations[{i}] refers to image_id {ann['image_id']!r}, "
                              "which is not in 'images'")
         if not ann["caption"].strip():
-            raise ValueError(f"{path}: annotations[{i}] (image {id_to_name[ann['image_id']]!r}) "
+            raise CaptionFileError(f"{path}: annotations[{i}] (image {id_to_name[ann['image_id']]!r}) "
                              "has an empty caption")
         refs[id_to_name[ann["image_id"]]].append(ann["caption"])
     empty = [n for n, caps in refs.items() if not caps]
     if empty:
-        raise ValueError(f"{path}: {len(empty)} image(s) have no caption: {_some(empty)}")
+        raise CaptionFileError(f"{path}: {len(empty)} image(s) have no caption: {_some(empty)}")
     if not refs:
-        raise ValueError(f"{path}: no images")
+        raise CaptionFileError(f"{path}: no images")
     return refs
 
 
@@ -113,27 +108,27 @@ def check_predictions(predictions, references, source="predictions", allow_subse
     With allow_subset=False (the course's rule) every reference image must have a prediction.
     """
     if not isinstance(predictions, Mapping):
-        raise ValueError(f"{source}: expected a JSON object {{image name: caption}}, "
+        raise CaptionFileError(f"{source}: expected a JSON object {{image name: caption}}, "
                          f"got {type(predictions).__name__}")
     if not predictions:
-        raise ValueError(f"{source}: no predictions")
+        raise CaptionFileError(f"{source}: no predictions")
     bad = [k for k, v in predictions.items() if not isinstance(v, str)]
     if bad:
-        raise ValueError(f"{source}: {len(bad)} caption(s) are not strings: {_some(bad)}")
+        raise CaptionFileError(f"{source}: {len(bad)} caption(s) are not strings: {_some(bad)}")
     unknown = set(predictions) - set(references)
     if unknown:
-        raise ValueError(f"{source}: {len(unknown)} image name(s) are not in the references "
+        raise CaptionFileError(f"{source}: {len(unknown)} image name(s) are not in the references "
                          f"(names are file names without extension): {_some(unknown)}")
     if not allow_subset:
         missing = set(references) - set(predictions)
         if missing:
-            raise ValueError(f"{source}: {len(missing)} reference image(s) have no prediction: "
+            raise CaptionFileError(f"{source}: {len(missing)} reference image(s) have no prediction: "
                              f"{_some(missing)}")
 
 
 def load_predictions(path, references=None, allow_subset=False):
     """Predictions JSON {name without extension: caption} -> dict; checked against references."""
-    preds = _read_json(path, "predictions")
+    preds = read_json(path, "predictions file not found", CaptionFileError)
     if references is None:
         references = preds if isinstance(preds, Mapping) else {}
     check_predictions(preds, references, source=str(path), allow_subset=allow_subset)
@@ -263,7 +258,7 @@ def clip_image_features(model, preprocess, images_root, names, batch_size=64, pr
                 with Image.open(p) as im:
                     batch.append(preprocess(im.convert("RGB")))
             except OSError as e:
-                raise ValueError(f"{p}: cannot read image ({e})") from None
+                raise ImageReadError(p, f"cannot read image ({e})") from None
         feats.append(model.encode_image(torch.stack(batch).to(device)))
     return torch.cat(feats)
 

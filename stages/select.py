@@ -5,13 +5,12 @@ tokenizer it was trained with) and selected.json (variant, scores, image encoder
 settings). `dvc pull select` fetches exactly this folder in the real world.
 """
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 from models.atomic import atomic_dir, write_json
 from models.config import load_params
-from models.errors import run_stage
+from models.errors import read_json, run_stage
 from models.world import World
 
 
@@ -29,12 +28,7 @@ def main(argv=None):
     scores = {}
     for variant in params["variants"]:
         path = Path("metrics") / f"{variant}.json"
-        try:
-            scores[variant] = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SystemExit(f"select: {path}: missing: run `dvc repro score@{variant}`") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SystemExit(f"select: {path}: not valid JSON ({e})") from None
+        scores[variant] = read_json(path, f"missing: run `dvc repro score@{variant}`")
         if not isinstance(scores[variant], dict) or "cider" not in scores[variant]:
             raise SystemExit(f"select: {path} has no cider: keep `cider` in score.metrics")
     chosen = best_variant(scores)

@@ -16,7 +16,6 @@ and figures/pos_embed_similarity.png.
 """
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from models.attention_summary import (count_hits, demo_p3_objects, describe_peak
 from models.config import load_params
 from models.decoding import DecodeConfig
 from models.device import resolve_device
-from models.errors import run_stage
+from models.errors import read_json, run_stage
 from models.features import FeatureFile
 from models.imageio import list_images, load_rgb
 from models.pos_embed import patch_positional_embeddings, plot_similarity_grid
@@ -101,9 +100,7 @@ def main(argv=None):
     p3_paths = image_paths(p3_dir)
     objects = demo_p3_objects(p3_dir, params.get(scene_section))
     scores_path = Path("predictions") / variant / "val_scores.json"
-    if not scores_path.is_file():
-        sys.exit(f"{scores_path}: missing: run the score stage of the selected variant {variant}")
-    scores = json.loads(scores_path.read_text(encoding="utf-8"))
+    scores = read_json(scores_path, f"missing: run the score stage of the selected variant {variant}")
     ranked = sorted((s["clipscore"], n) for n, s in scores.items() if "clipscore" in s)
     if not ranked:
         sys.exit(f"{scores_path}: no per-image clipscore (score.metrics must include clipscore)")

@@ -320,6 +320,17 @@ def test_visualize_stage_draws_every_word_for_both_bridge_kinds(tmp_path, clip_p
     assert all(len(e["words"]) <= 9 for e in summary["p3"])
 
 
+def test_visualize_names_a_corrupt_scores_file_and_writes_nothing(tmp_path, clip_path, monkeypatch):
+    from models.errors import InputError
+    from stages import visualize
+    monkeypatch.chdir(tmp_path)
+    make_pipeline(tmp_path, clip_path, "cross", "lora")
+    (tmp_path / "predictions" / "v" / "val_scores.json").write_text('{"v1": ')
+    with pytest.raises(InputError, match=r"val_scores\.json: not valid JSON"):
+        visualize.main([])
+    assert not (tmp_path / "figures").exists()
+
+
 def test_demo_objects_are_refused_for_images_that_are_not_the_scenes(tmp_path):
     from demo import scenes
     folder = tmp_path / "p3"

@@ -12,6 +12,7 @@ from PIL import Image
 
 from models import scoring
 from models.clip_io import load_clip
+from models.errors import InputError
 
 CAPTIONS = {  # name -> references; the colours are what the tiny JPEGs show
     "000001": ["A red circle on the left.", "a red round shape at the left side",
@@ -224,7 +225,7 @@ def test_bad_references_name_the_file(tmp_path):
     write_references(p, {"x": ["a cat"], "y": ["a dog", "  "]})
     with pytest.raises(ValueError, match=rf"{p}.*annotations\[2\].*'y'.*empty caption"):
         scoring.load_references(p)
-    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+    with pytest.raises(InputError, match="nowhere.json: references file not found"):
         scoring.load_references(tmp_path / "nowhere.json")
 
 
@@ -247,6 +248,9 @@ def test_missing_image_and_missing_java_are_clear(world, clip_model, monkeypatch
     model, preprocess = clip_model
     with pytest.raises(FileNotFoundError, match="not found.*zzz.jpg"):
         scoring.clipscore({"zzz": "a cat"}, model, preprocess, world / "hw3_data")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a JPEG")
+    with pytest.raises(InputError, match="broken.jpg: cannot read image"):
+        scoring.clipscore({"broken": "a cat"}, model, preprocess, tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(RuntimeError, match="Java is required for PTBTokenizer: install a JRE"):
         scoring.score_captions({"x": "a cat"}, {"x": ["a cat"]}, metrics=("cider",))
