@@ -8,15 +8,16 @@ from models.errors import ParamsError
 
 
 def load_params(path="params.yaml"):
+    """The sections of a params file; ParamsError naming the file if it cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
             params = yaml.safe_load(f)
     except FileNotFoundError:
-        raise SystemExit(f"{path}: no such file (run from the repository root)") from None
-    except yaml.YAMLError as e:
-        raise SystemExit(f"{path}: not valid YAML ({e})") from None
+        raise ParamsError(f"{path}: no such file (run from the repository root)") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ParamsError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(params, dict):
-        raise SystemExit(f"{path}: expected a mapping of sections")
+        raise ParamsError(f"{path}: expected a mapping of sections")
     return params
 
 

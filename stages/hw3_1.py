@@ -14,9 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
-from models.config import int_at_least
+from models.config import int_at_least, load_params
+from models.errors import InputError, ParamsError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,14 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_config(params_path, clip_override=None):
     from models.zeroshot import ZeroShotConfig
     params_path = Path(params_path)
-    try:
-        params = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError as e:
-        raise ValueError(f"{params_path}: params file does not exist") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"{params_path}: not valid YAML ({e})") from e
-    if not isinstance(params, dict) or "zeroshot" not in params:
-        raise ValueError(f"{params_path}: no zeroshot section")
+    params = load_params(params_path)
+    if "zeroshot" not in params:
+        raise ParamsError(f"{params_path}: no zeroshot section")
     cfg = ZeroShotConfig.from_params(params["zeroshot"], source=str(params_path))
     if clip_override:
         cfg.clip = clip_override
@@ -82,7 +76,6 @@ def main(argv=None):
     args = ap.parse_args(argv)   # exits with 2 on a usage error
 
     from models.device import resolve_device
-    from models.errors import InputError
     try:
         cfg = load_config(args.params, args.clip)
         if args.device:

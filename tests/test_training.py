@@ -152,6 +152,29 @@ def test_every_params_section_error_names_its_source():
                                      "vocab_bpe": "v", "clip": "c"}}, "p.yaml")
 
 
+def test_an_unreadable_params_file_is_one_error_naming_it(tmp_path):
+    """Every stage and hw3_1.sh read params through load_params: one ParamsError line, which
+    run_stage and hw3_1 print instead of a traceback."""
+    from models.config import load_params
+    from models.errors import ParamsError
+    from stages import hw3_1
+    p = tmp_path / "p.yaml"
+    for content, message in ((None, "no such file"), ("a: [1", "not valid YAML"),
+                             (b"\xff\xfe", "not valid YAML"), ("- 1\n", "expected a mapping"),
+                             ("", "expected a mapping")):
+        if content is None:
+            p.unlink(missing_ok=True)
+        elif isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            p.write_text(content)
+        with pytest.raises(ParamsError, match=rf"^{p}: {message}"):
+            load_params(p)
+    p.write_text("train: {}\n")
+    with pytest.raises(ParamsError, match=rf"^{p}: no zeroshot section"):
+        hw3_1.load_config(p)
+
+
 def test_a_device_is_checked_where_it_is_named():
     from models.device import resolve_device
     assert resolve_device(None) == resolve_device("auto") == \
