@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU measurements issue 9 still lacks, in one call of the device tool (600 s at most), most
+# important first; each step has its own time limit, so a slow one cannot eat the others.
+#
+#   here, first:      bash bench/device_checks.sh --prepare
+#   on the device:    bash bench/device_checks.sh          # results in $OUT/*.txt
+#
+# The GPU machine has torch, timm, h5py and tokenizers but not loralib or clip (and it cannot
+# download them): --prepare copies those pure-Python packages out of .venv into gpucarry/, which
+# the device tool copies with the working tree because it is neither tracked nor ignored. Do not
+# commit gpucarry/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  rm -rf gpucarry && mkdir gpucarry
+  for pkg in loralib clip ftfy wcwidth; do cp -r "$site/$pkg" gpucarry/; done
+  echo "gpucarry/ holds: $(ls gpucarry | tr '\n' ' ')"
+  exit 0
+fi
+
+OUT=${OUT:-out/device_checks}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/gpucarry:$PWD" HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__)"; date -u; } | tee "$OUT/device.txt"
+
+step() {   # step NAME SECONDS COMMAND...: output to $OUT/NAME.txt
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name ($limit s at most): $*"
+  timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+  echo "   exit status $?; last line: $(tail -n 1 "$OUT/$name.txt")"
+}
+
+VARIANTS="gated_cross:adapter gated_cross:lora gated_cross:prefix gated_cross:prompt gated_cross:adaption prefix:lora"
+# 1. Does train.compile (CUDA graphs) bring adapter's epoch (68 s) under 60 s?
+step compile 300 python3 -m bench.compile --device cuda --threads 8 --sizes real --batch-size 64 \
+  --steps 30 --variants gated_cross:adapter gated_cross:lora
+# 2. Every variant as train() runs it now (low-rank LoRA, is_causal, training_steps); adapter profiled.
+step train 120 python3 -m bench.gpu --out "$OUT/train" --images 256 --skip encoder extract beam e2e \
+  --variants $VARIANTS
+# 3. Adapter at batch 128: half the launches per caption.
+step batch128 60 python3 -m bench.gpu --out "$OUT/batch128" --images 256 \
+  --skip encoder extract beam e2e profile --variants gated_cross:adapter --train-batch 128
+# 4. LoRA's low-rank forward vs loralib's on the GPU.
+step lora 90 python3 -m bench.lora --device cuda --threads 8 --sizes real --real-batch 64 --real-images 64
