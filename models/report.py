@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from models.attention_maps import pyplot, save_figure
 from models import errors
+from models.attention_maps import pyplot, save_figure
 from models.errors import InputError
 
 METRICS = (("cider", "CIDEr"), ("clipscore", "CLIPScore"), ("bleu4", "BLEU-4"),

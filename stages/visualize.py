@@ -100,7 +100,10 @@ def main(argv=None):
     p3_paths = image_paths(p3_dir)
     objects = demo_p3_objects(p3_dir, params.get(scene_section))
     scores_path = Path("predictions") / variant / "val_scores.json"
-    scores = read_json(scores_path, f"missing: run the score stage of the selected variant {variant}")
+    rerun = f"run the score stage of the selected variant {variant}"
+    scores = read_json(scores_path, f"missing: {rerun}")
+    if not isinstance(scores, dict):
+        sys.exit(f"{scores_path}: expected a JSON object {{image name: scores}}: {rerun}")
     ranked = sorted((s["clipscore"], n) for n, s in scores.items() if "clipscore" in s)
     if not ranked:
         sys.exit(f"{scores_path}: no per-image clipscore (score.metrics must include clipscore)")
