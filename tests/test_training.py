@@ -1,6 +1,9 @@
 """models.training on a tiny captioner: bf16-stored frozen weights give exactly the autocast
 products, a bf16 run (the GPU's path, here on the CPU) trains and checkpoints, the best epoch is
-what the checkpoint holds, and bad settings are refused by name."""
+what the checkpoint holds, compiled training trains the same model as eager training, and bad
+settings are refused by name."""
+import shutil
+
 import pytest
 import torch
 
@@ -70,6 +73,8 @@ def test_bf16_training_runs_and_keeps_the_best_epoch(course_sd, tmp_path):
     assert loss == pytest.approx(best["val_loss"], rel=1e-6)
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_training_trains_the_same_model(course_sd, tmp_path):
     """train.compile: torch.compile's loss (on the CPU: inductor, no CUDA graphs) at caption widths
     padded to 8 gives eager training's losses and weights up to rounding, and the checkpoint
