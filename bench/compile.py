@@ -3,16 +3,18 @@ pass (where compilation and CUDA-graph recording happen), steady captions/s, the
 GPU memory, and how far the compiled losses are from the eager ones on the same batches. A third
 setting, eager at the compiled run's padded caption widths, tells what the padding alone costs.
 
-    python -m bench.compile                       # CPU: demo and real size, mode "default"
+    python -m bench.compile                       # CPU: every size, mode "default"
     python -m bench.compile --device cuda --sizes real --batch-size 64 --steps 30 \\
         --variants gated_cross:lora gated_cross:adapter gated_cross:prefix gated_cross:prompt \\
                    gated_cross:adaption prefix:lora     # mode "reduce-overhead" (CUDA graphs)
 
-All three settings take `models.training.training_steps`, the step `train()` takes (fused AdamW, bf16
-autocast and bf16-stored frozen weights on a GPU, image tokens on the GPU), on a random fp16
-image-token table of the size's shape and random captions of 8-20 tokens, so that the batches
-have several widths, as an epoch's do. Each setting starts from the same weights and runs the
-same batches: a first pass, then `--rounds` timed passes (best kept). Inductor's compiled code
+All three settings take `models.training.training_steps`, the step `train()` takes (fused AdamW,
+bf16 autocast and bf16-stored frozen weights on a GPU, image tokens on the GPU), on a random fp16
+image-token table of the size's shape and random captions of 8-20 tokens, so that the batches have
+several widths, as an epoch's do. Each setting starts from the same weights and runs the same
+batches: a first pass, then `--rounds` timed passes (best kept). Sizes: the demo world's, the real
+one (ViT-L/14 tokens, GPT-2 small), and "overhead": GPT-2 small's operators with next to no
+arithmetic, where a step costs what the framework spends per operator. Inductor's compiled code
 goes to a new temp folder (unless TORCHINDUCTOR_CACHE_DIR is set), so the first pass includes a
 cold compilation, as on a first `dvc repro`; later runs on a machine reuse its cache.
 """
@@ -27,9 +29,22 @@ import torch
 from bench.common import (Stopwatch, add_device_args, build_variant, demo_decoder, fmt_rate,
                           peak_gib, peak_reset, random_captions, real_decoder, sync, use_device)
 from bench.train import IdTokenizer
+from models.gpt2 import GPT2, GPT2Config
 from models.training import COMPILE_MODES, COMPILE_WIDTH_STEP, TrainConfig, training_steps
 
-SHAPES = {"demo": (65, 128), "real": (257, 1024)}   # image tokens x width: demo CLIP, ViT-L/14
+SHAPES = {"demo": (65, 128), "real": (257, 1024), "overhead": (8, 64)}   # image tokens x width
+
+
+def overhead_decoder():
+    """GPT-2 small's 12 blocks and 12 heads at a width of 96 and a vocabulary of 512: the same
+    operators per step as the real size with next to no arithmetic, so the step time is the
+    framework's per-operator cost, which bounds a real-size step on a GPU."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=512, block_size=128, n_layer=12, n_head=12, n_embd=96)
+    return GPT2(config), "GPT-2 small's 12 x 12 heads at width 96, vocab 512 (operator cost)"
+
+
+DECODERS = {"demo": demo_decoder, "real": real_decoder, "overhead": overhead_decoder}
 
 
 @dataclass
@@ -62,12 +77,12 @@ def run_setting(model, tokens, batches, tok, config, device, rounds):
 
 
 def bench_size(size, args, device, log=print):
-    decoder, source = demo_decoder() if size == "demo" else real_decoder()
+    decoder, source = DECODERS[size]()
     n_tokens, width = SHAPES[size]
     vocab = decoder.config.vocab_size
     tok = IdTokenizer()
     tok.eot_id = vocab - 1
-    batch_size = args.batch_size or (32 if size == "demo" else 4)
+    batch_size = args.batch_size or {"demo": 32, "real": 4, "overhead": 4}[size]
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(args.images, n_tokens, width, generator=g).half()
     captions = random_captions(batch_size * args.steps, vocab, seed=1)
@@ -111,7 +126,7 @@ def table(rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", nargs="+", default=["demo", "real"], choices=list(SHAPES))
+    p.add_argument("--sizes", nargs="+", default=["overhead", "demo", "real"], choices=list(SHAPES))
     p.add_argument("--variants", nargs="+", default=["gated_cross:lora"],
                    help="BRIDGE:PEFT, e.g. gated_cross:lora prefix:none cross:adapter")
     p.add_argument("--mode", choices=COMPILE_MODES[1:], default=None,
