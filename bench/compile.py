@@ -106,19 +106,20 @@ def bench_size(size, args, device, log=print):
             log(f"  {size} {variant} {label(mode)}: first pass {first:.1f} s, then "
                 f"{len(pairs) / steady:.1f} captions/s")
         eager = measured["none"]
-        for mode, (first, steady, losses, mem) in measured.items():
-            diff = max(abs(a - b) / abs(a) for a, b in zip(eager[2], losses))
-            rows_out.append(dict(size=size, variant=variant, setting=label(mode), first_s=first,
-                                 rate=len(pairs) / steady, speedup=eager[1] / steady, mem=mem,
-                                 loss_diff=diff))
+        rows = [dict(size=size, variant=variant, setting=label(mode), first_s=first,
+                     rate=len(pairs) / steady, speedup=eager[1] / steady, mem=mem,
+                     loss_diff=max(abs(a - b) / abs(a) for a, b in zip(eager[2], losses)))
+                for mode, (first, steady, losses, mem) in measured.items()]
+        log(table(rows))   # now, in case a time limit stops the run before the end
+        rows_out += rows
     return rows_out
 
 
 def table(rows):
-    lines = [f"{'size':<5} {'variant':<22} {'setting':<30} {'first pass s':>12} "
+    lines = [f"{'size':<8} {'variant':<22} {'setting':<30} {'first pass s':>12} "
              f"{'captions/s':>11} {'vs eager':>9} {'peak GiB':>9} {'max loss rel. diff':>19}"]
     for r in rows:
-        lines.append(f"{r['size']:<5} {r['variant']:<22} {r['setting']:<30} {r['first_s']:>12.1f} "
+        lines.append(f"{r['size']:<8} {r['variant']:<22} {r['setting']:<30} {r['first_s']:>12.1f} "
                      f"{fmt_rate(r['rate']):>11} {r['speedup']:>8.2f}x {r['mem']:>9.1f} "
                      f"{r['loss_diff']:>19.1e}")
     return "\n".join(lines)
@@ -131,7 +132,8 @@ def main(argv=None):
                    help="BRIDGE:PEFT, e.g. gated_cross:lora prefix:none cross:adapter")
     p.add_argument("--mode", choices=COMPILE_MODES[1:], default=None,
                    help="torch.compile mode (default: reduce-overhead on CUDA, else default)")
-    p.add_argument("--batch-size", type=int, default=0, help="captions per step (0: demo 32, real 4)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="captions per step (0: demo 32, real 4, overhead 4)")
     p.add_argument("--steps", type=int, default=6, help="batches per pass")
     p.add_argument("--rounds", type=int, default=2, help="timed passes after the first; best kept")
     p.add_argument("--images", type=int, default=64, help="rows of the random image-token table")

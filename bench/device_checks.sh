@@ -13,8 +13,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--prepare" ]; then
+  set -e
   site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   rm -rf gpucarry && mkdir gpucarry
+  # clip (with ftfy, wcwidth) is imported where captions are capped to CLIP's 77 tokens
   for pkg in loralib clip ftfy wcwidth; do cp -r "$site/$pkg" gpucarry/; done
   echo "gpucarry/ holds: $(ls gpucarry | tr '\n' ' ')"
   exit 0

@@ -16,6 +16,8 @@ def load_params(path="params.yaml"):
         raise ParamsError(f"{path}: no such file (run from the repository root)") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ParamsError(f"{path}: not valid YAML ({e})") from None
+    except OSError as e:   # a folder, no permission
+        raise ParamsError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(params, dict):
         raise ParamsError(f"{path}: expected a mapping of sections")
     return params

@@ -21,7 +21,7 @@ class ParamsError(InputError, ValueError):
 def read_json(path, missing, error=InputError):
     """The JSON value in file `path`. Raises `error` with one line that names the file:
     "<path>: <missing>" when there is no such file, "<path>: not valid JSON (...)" when it is not
-    UTF-8 JSON."""
+    UTF-8 JSON, "<path>: cannot read (...)" when it is a folder or cannot be opened."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -29,6 +29,8 @@ def read_json(path, missing, error=InputError):
         raise error(f"{path}: {missing}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:   # a folder, no permission
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def run_stage(main):

@@ -26,6 +26,10 @@ from tqdm import tqdm
 
 from models.errors import InputError
 
+# What Pillow raises on a file it cannot decode, besides UnidentifiedImageError (an OSError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error,
+                 Image.DecompressionBombError)
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pbm", ".pnm"})
 
@@ -131,7 +135,7 @@ def load_rgb(path):
         raise ImageReadError(path, what) from e
     except Image.DecompressionBombError as e:
         raise ImageReadError(path, f"refused, too many pixels ({e})") from e
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
+    except DECODE_ERRORS as e:
         raise ImageReadError(path, f"cannot decode ({type(e).__name__}: {e})") from e
 
 

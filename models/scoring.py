@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.errors import InputError, read_json
-from models.imageio import ImageReadError
+from models.imageio import DECODE_ERRORS, ImageReadError
 
 METRICS = ("cider", "clipscore", "bleu4", "meteor", "rougeL")
 CLIPSCORE_WEIGHT = 2.5
@@ -257,8 +257,8 @@ def clip_image_features(model, preprocess, images_root, names, batch_size=64, pr
             try:
                 with Image.open(p) as im:
                     batch.append(preprocess(im.convert("RGB")))
-            except OSError as e:
-                raise ImageReadError(p, f"cannot read image ({e})") from None
+            except DECODE_ERRORS as e:
+                raise ImageReadError(p, f"cannot read image ({type(e).__name__}: {e})") from None
         feats.append(model.encode_image(torch.stack(batch).to(device)))
     return torch.cat(feats)
 

@@ -17,9 +17,11 @@ from models.precision import DTYPES, autocast
 from models.scoring import cider, tokenize_pair
 from models.tokenizer import caption_batch, target_count
 
-# torch.compile modes for `train.compile` ("none": eager). reduce-overhead also replays CUDA graphs.
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
-COMPILE_WIDTH_STEP = 8   # compiled training pads caption widths to multiples of this
+# torch.compile modes for `train.compile` ("none": eager); the ones that replay CUDA graphs record
+# one graph per input shape, so their caption widths are padded to multiples of COMPILE_WIDTH_STEP.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+COMPILE_WIDTH_STEP = 8
 
 
 @dataclass
@@ -51,8 +53,8 @@ class TrainConfig:
 
     @property
     def width_multiple(self):
-        """Caption widths are rounded up to this: compiled code is specialised to shapes."""
-        return 1 if self.compile == "none" else COMPILE_WIDTH_STEP
+        """Training rounds caption widths up to this: CUDA graphs are recorded per shape."""
+        return COMPILE_WIDTH_STEP if self.compile in CUDA_GRAPH_MODES else 1
 
     def autocast_dtype(self, device):
         """The autocast dtype on `device`, or None for plain fp32. "auto" takes bf16 only on a GPU
@@ -149,8 +151,8 @@ def compiled_loss(model, config):
 
     The batch and caption-width dimensions are compiled as dynamic, so one compilation serves
     every batch (a size threshold inside inductor may add one more for small last batches). With
-    CUDA graphs (reduce-overhead) each distinct shape is recorded once, which the widths rounded
-    to COMPILE_WIDTH_STEP keep to a handful. Compiled code is cached per code object, so the
+    CUDA graphs (CUDA_GRAPH_MODES) each distinct shape is recorded once, which the widths
+    train_step rounds to COMPILE_WIDTH_STEP keep to a handful. Compiled code is cached per code object, so the
     cache is reset on entry and exit: Captioner.loss of an earlier model must not count against
     this one's recompile limit."""
     if config.compile == "none":
@@ -172,12 +174,13 @@ def compiled_loss(model, config):
         torch._dynamo.reset()
 
 
-def batch_loss(model, pairs, tokens, tokenizer, config, device, loss=None):
-    """The loss of a batch of (image row, caption ids) pairs by `loss` (default: model.loss)."""
+def batch_loss(model, pairs, tokens, tokenizer, config, device, loss=None, width_multiple=1):
+    """The loss of a batch of (image row, caption ids) pairs by `loss` (default: model.loss), the
+    captions padded to a multiple of `width_multiple`."""
     image_rows = torch.tensor([i for i, _ in pairs])
     visual = gather_rows(tokens, image_rows).to(device, non_blocking=True)
     input_ids, targets, _ = caption_batch([t for _, t in pairs], tokenizer.eot_id,
-                                          config.max_caption_tokens, config.width_multiple)
+                                          config.max_caption_tokens, width_multiple)
     with autocast(device.type, config.autocast_dtype(device)):
         return (loss or model.loss)(visual.float(), input_ids.to(device), targets.to(device))
 
@@ -208,7 +211,7 @@ def train_step(model, optimizer, params, batch, tokens, tokenizer, config, devic
     # Gradients dropped before the forward: their memory is free for it, and with CUDA graphs
     # none of last step's graph outputs is still held when the next replay reuses it.
     optimizer.zero_grad(set_to_none=True)
-    loss = batch_loss(model, batch, tokens, tokenizer, config, device, loss)
+    loss = batch_loss(model, batch, tokens, tokenizer, config, device, loss, config.width_multiple)
     loss.backward()
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from models.atomic import atomic_dir, write_json
 from models.config import load_params
-from models.errors import read_json, run_stage
+from models.errors import InputError, read_json, run_stage
 from models.world import World
 
 
@@ -30,7 +30,7 @@ def main(argv=None):
         path = Path("metrics") / f"{variant}.json"
         scores[variant] = read_json(path, f"missing: run `dvc repro score@{variant}`")
         if not isinstance(scores[variant], dict) or "cider" not in scores[variant]:
-            raise SystemExit(f"select: {path} has no cider: keep `cider` in score.metrics")
+            raise InputError(f"{path} has no cider: keep `cider` in score.metrics")
     chosen = best_variant(scores)
     release = Path("release")
     with atomic_dir(release) as tmp:  # the whole folder appears at once

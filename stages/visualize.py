@@ -104,7 +104,8 @@ def main(argv=None):
     scores = read_json(scores_path, f"missing: {rerun}")
     if not isinstance(scores, dict):
         sys.exit(f"{scores_path}: expected a JSON object {{image name: scores}}: {rerun}")
-    ranked = sorted((s["clipscore"], n) for n, s in scores.items() if "clipscore" in s)
+    ranked = sorted((s["clipscore"], n) for n, s in scores.items()
+                    if isinstance(s, dict) and "clipscore" in s)
     if not ranked:
         sys.exit(f"{scores_path}: no per-image clipscore (score.metrics must include clipscore)")
     val_paths = image_paths(world.image_dir("val"))

@@ -76,11 +76,13 @@ def test_bf16_training_runs_and_keeps_the_best_epoch(course_sd, tmp_path):
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_training_trains_the_same_model(course_sd, tmp_path):
-    """train.compile: torch.compile's loss (on the CPU: inductor, no CUDA graphs) at caption widths
-    padded to 8 gives eager training's losses and weights up to rounding, and the checkpoint
-    keeps the model's own parameter names."""
+    """train.compile: torch.compile's loss in reduce-overhead mode (on the CPU: inductor, the CUDA
+    graphs skipped) with its caption widths padded to 8 gives eager training's losses and weights
+    up to rounding, and the checkpoint keeps the model's own parameter names."""
+    assert TrainConfig(compile="reduce-overhead").width_multiple == 8
+    assert TrainConfig(compile="default").width_multiple == TrainConfig().width_multiple == 1
     runs = []
-    for mode in ("none", "default"):
+    for mode in ("none", "reduce-overhead"):
         model = build(course_sd, "gated_cross", "lora")
         config = TrainConfig(epochs=2, batch_size=4, lr=0.01, warmup_steps=2, val_images=4,
                              val_batch_size=4, compile=mode)
@@ -94,7 +96,8 @@ def test_compiled_training_trains_the_same_model(course_sd, tmp_path):
     assert compiled_state.keys() == eager_state.keys()
     for name, tensor in eager_state.items():
         torch.testing.assert_close(compiled_state[name], tensor, rtol=1e-3, atol=1e-5)
-    assert load_trainable(build(course_sd, "gated_cross", "lora"), tmp_path / "default.safetensors")
+    assert load_trainable(build(course_sd, "gated_cross", "lora"),
+                          tmp_path / "reduce-overhead.safetensors")
 
 
 def test_features_stay_on_the_host_without_a_gpu():
@@ -161,7 +164,7 @@ def test_an_unreadable_params_file_is_one_error_naming_it(tmp_path):
     """Every stage and hw3_1.sh read params through load_params: one ParamsError line, which
     run_stage and hw3_1 print instead of a traceback."""
     from models.config import load_params
-    from models.errors import ParamsError
+    from models.errors import InputError, ParamsError, read_json
     from stages import hw3_1
     p = tmp_path / "p.yaml"
     for content, message in ((None, "no such file"), ("a: [1", "not valid YAML"),
@@ -178,6 +181,12 @@ def test_an_unreadable_params_file_is_one_error_naming_it(tmp_path):
     p.write_text("train: {}\n")
     with pytest.raises(ParamsError, match=rf"^{p}: no zeroshot section"):
         hw3_1.load_config(p)
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    with pytest.raises(ParamsError, match=rf"^{folder}: cannot read"):
+        load_params(folder)
+    with pytest.raises(InputError, match=rf"^{folder}: cannot read"):   # the JSON reader alike
+        read_json(folder, "missing")
 
 
 def test_a_device_is_checked_where_it_is_named():
