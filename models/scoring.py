@@ -74,25 +74,29 @@ def load_references(path):
         if not isinstance(img, dict) or "file_name" not in img or "id" not in img:
             raise CaptionFileError(f"{path}: images[{i}] lacks 'file_name' or 'id': {img!r}")
         if not isinstance(img["file_name"], str):
-            raise CaptionFileError(f"{path}: images[{i}].file_name is not a string: {img['file_name']!r}")
+            raise CaptionFileError(f"{path}: images[{i}].file_name is not a string: "
+                                   f"{img['file_name']!r}")
         name = os.path.splitext(img["file_name"])[0]
         if img["id"] in id_to_name:
             raise CaptionFileError(f"{path}: image id {img['id']!r} appears twice in 'images'")
         if name in refs:
-            raise CaptionFileError(f"{path}: file name {img['file_name']!r} appears twice in 'images'")
+            raise CaptionFileError(f"{path}: file name {img['file_name']!r} appears twice in "
+                                   "'images'")
         id_to_name[img["id"]] = name
         refs[name] = []
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "caption" not in ann or "image_id" not in ann:
-            raise CaptionFileError(f"{path}: annotations[{i}] lacks 'caption' or 'image_id': {ann!r}")
+            raise CaptionFileError(f"{path}: annotations[{i}] lacks 'caption' or 'image_id': "
+                                   f"{ann!r}")
         if not isinstance(ann["caption"], str):
-            raise CaptionFileError(f"{path}: annotations[{i}].caption is not a string: {ann['caption']!r}")
+            raise CaptionFileError(f"{path}: annotations[{i}].caption is not a string: "
+                                   f"{ann['caption']!r}")
         if ann["image_id"] not in id_to_name:
-            raise CaptionFileError(f"{path}: annotations[{i}] refers to image_id {ann['image_id']!r}, "
-                             "which is not in 'images'")
+            raise CaptionFileError(f"{path}: annotations[{i}] refers to image_id "
+                                   f"{ann['image_id']!r}, which is not in 'images'")
         if not ann["caption"].strip():
-            raise CaptionFileError(f"{path}: annotations[{i}] (image {id_to_name[ann['image_id']]!r}) "
-                             "has an empty caption")
+            raise CaptionFileError(f"{path}: annotations[{i}] (image "
+                                   f"{id_to_name[ann['image_id']]!r}) has an empty caption")
         refs[id_to_name[ann["image_id"]]].append(ann["caption"])
     empty = [n for n, caps in refs.items() if not caps]
     if empty:
@@ -109,7 +113,7 @@ def check_predictions(predictions, references, source="predictions", allow_subse
     """
     if not isinstance(predictions, Mapping):
         raise CaptionFileError(f"{source}: expected a JSON object {{image name: caption}}, "
-                         f"got {type(predictions).__name__}")
+                               f"got {type(predictions).__name__}")
     if not predictions:
         raise CaptionFileError(f"{source}: no predictions")
     bad = [k for k, v in predictions.items() if not isinstance(v, str)]
@@ -118,12 +122,12 @@ def check_predictions(predictions, references, source="predictions", allow_subse
     unknown = set(predictions) - set(references)
     if unknown:
         raise CaptionFileError(f"{source}: {len(unknown)} image name(s) are not in the references "
-                         f"(names are file names without extension): {_some(unknown)}")
+                               f"(names are file names without extension): {_some(unknown)}")
     if not allow_subset:
         missing = set(references) - set(predictions)
         if missing:
-            raise CaptionFileError(f"{source}: {len(missing)} reference image(s) have no prediction: "
-                             f"{_some(missing)}")
+            raise CaptionFileError(f"{source}: {len(missing)} reference image(s) have no "
+                                   f"prediction: {_some(missing)}")
 
 
 def load_predictions(path, references=None, allow_subset=False):

@@ -152,9 +152,9 @@ def compiled_loss(model, config):
     The batch and caption-width dimensions are compiled as dynamic, so one compilation serves
     every batch (a size threshold inside inductor may add one more for small last batches). With
     CUDA graphs (CUDA_GRAPH_MODES) each distinct shape is recorded once, which the widths
-    train_step rounds to COMPILE_WIDTH_STEP keep to a handful. Compiled code is cached per code object, so the
-    cache is reset on entry and exit: Captioner.loss of an earlier model must not count against
-    this one's recompile limit."""
+    train_step rounds to COMPILE_WIDTH_STEP keep to a handful. Compiled code is cached per code
+    object, so the cache is reset on entry and exit: Captioner.loss of an earlier model must not
+    count against this one's recompile limit."""
     if config.compile == "none":
         yield model.loss
         return
