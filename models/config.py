@@ -2,22 +2,12 @@
 import argparse
 import dataclasses
 
-import yaml
-
-from models.errors import ParamsError
+from models.errors import ParamsError, read_parsed
 
 
 def load_params(path="params.yaml"):
     """The sections of a params file; ParamsError naming the file if it cannot be read."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            params = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: no such file (run from the repository root)") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ParamsError(f"{path}: not valid YAML ({e})") from None
-    except OSError as e:   # a folder, no permission
-        raise ParamsError(f"{path}: cannot read ({e.strerror or e})") from None
+    params = read_parsed(path, "YAML", "no such file (run from the repository root)", ParamsError)
     if not isinstance(params, dict):
         raise ParamsError(f"{path}: expected a mapping of sections")
     return params

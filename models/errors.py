@@ -9,6 +9,8 @@ import pickle
 import sys
 from pathlib import Path
 
+import yaml
+
 
 class InputError(Exception):
     """An input that cannot be used; str() names the file and the problem."""
@@ -18,19 +20,28 @@ class ParamsError(InputError, ValueError):
     """A params.yaml section (or any settings) that cannot be used; str() names where it is."""
 
 
-def read_json(path, missing, error=InputError):
-    """The JSON value in file `path`. Raises `error` with one line that names the file:
-    "<path>: <missing>" when there is no such file, "<path>: not valid JSON (...)" when it is not
-    UTF-8 JSON, "<path>: cannot read (...)" when it is a folder or cannot be opened."""
+PARSERS = {"JSON": (json.loads, json.JSONDecodeError), "YAML": (yaml.safe_load, yaml.YAMLError)}
+
+
+def read_parsed(path, kind, missing, error=InputError):
+    """The value in the `kind` ("JSON" or "YAML") file `path`. Raises `error` with one line that
+    names the file: "<path>: <missing>" when there is no such file, "<path>: not valid <kind>
+    (...)" when it is not UTF-8 text of that kind, "<path>: cannot read (...)" when it is a
+    folder or cannot be opened."""
+    parse, parse_error = PARSERS[kind]
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{path}: {missing}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
+    except (parse_error, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid {kind} ({e})") from None
     except OSError as e:   # a folder, no permission
         raise error(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_json(path, missing, error=InputError):
+    return read_parsed(path, "JSON", missing, error)
 
 
 def run_stage(main):
