@@ -116,9 +116,11 @@ def test_caption_batch_rows_equal_the_layout_built_caption_by_caption():
         assert mask[row].tolist() == [1] * (len(kept) + 2) + [0] * pad
 
 
-@pytest.mark.parametrize("max_len, multiple, width", [(48, 16, 16), (48, 5, 10), (9, 16, 9), (48, 1, 8)])
+@pytest.mark.parametrize("max_len, multiple, width",
+                         [(48, 16, 16), (48, 5, 10), (9, 16, 9), (48, 1, 8)])
 def test_caption_batch_width_multiple_only_adds_padding_columns(max_len, multiple, width):
-    """Compiled training rounds widths up (6-token captions: 8 columns) and never past max_len."""
+    """Training with CUDA graphs rounds widths up (6-token captions: 8 columns), never past
+    max_len."""
     captions = [[5, 6, 7, 8, 9, 10], [3]]
     plain = caption_batch(captions, eot_id=99, max_len=max_len)
     rounded = caption_batch(captions, eot_id=99, max_len=max_len, width_multiple=multiple)
