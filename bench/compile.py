@@ -106,12 +106,12 @@ def bench_size(size, args, device, log=print):
             log(f"  {size} {variant} {label(mode)}: first pass {first:.1f} s, then "
                 f"{len(pairs) / steady:.1f} captions/s")
         eager = measured["none"]
-        rows = [dict(size=size, variant=variant, setting=label(mode), first_s=first,
-                     rate=len(pairs) / steady, speedup=eager[1] / steady, mem=mem,
-                     loss_diff=max(abs(a - b) / abs(a) for a, b in zip(eager[2], losses)))
-                for mode, (first, steady, losses, mem) in measured.items()]
-        log(table(rows))   # now, in case a time limit stops the run before the end
-        rows_out += rows
+        results = [dict(size=size, variant=variant, setting=label(mode), first_s=first,
+                        rate=len(pairs) / steady, speedup=eager[1] / steady, mem=mem,
+                        loss_diff=max(abs(a - b) / abs(a) for a, b in zip(eager[2], losses)))
+                   for mode, (first, steady, losses, mem) in measured.items()]
+        log(table(results))   # now, in case a time limit stops the run before the end
+        rows_out += results
     return rows_out
 
 
