@@ -38,13 +38,15 @@ step() {   # step NAME SECONDS COMMAND...: output to $OUT/NAME.txt
 
 VARIANTS="gated_cross:adapter gated_cross:lora gated_cross:prefix gated_cross:prompt gated_cross:adaption prefix:lora"
 # 1. Does train.compile (CUDA graphs) bring adapter's epoch (68 s) under 60 s?
-step compile 300 python3 -m bench.compile --device cuda --threads 8 --sizes real --batch-size 64 \
+step compile 280 python3 -m bench.compile --device cuda --threads 8 --sizes real --batch-size 64 \
   --steps 30 --variants gated_cross:adapter gated_cross:lora
-# 2. Every variant as train() runs it now (low-rank LoRA, is_causal, training_steps); adapter profiled.
-step train 120 python3 -m bench.gpu --out "$OUT/train" --images 256 --skip encoder extract beam e2e \
-  --variants $VARIANTS
+# 2. Every variant as train() runs it now (low-rank LoRA, is_causal, training_steps, trainable
+#    Linear weights stored bf16 with fp32 masters) and, side by side, with its trainable Linear
+#    weights cast by autocast (as measured on 2026-11-23); adapter profiled.
+step train 150 python3 -m bench.gpu --out "$OUT/train" --images 256 --skip encoder extract beam e2e \
+  --train-settings "frozen stored" "as is" --variants $VARIANTS
 # 3. Adapter at batch 128: half the launches per caption.
 step batch128 60 python3 -m bench.gpu --out "$OUT/batch128" --images 256 \
   --skip encoder extract beam e2e profile --variants gated_cross:adapter --train-batch 128
 # 4. LoRA's low-rank forward vs loralib's on the GPU.
-step lora 90 python3 -m bench.lora --device cuda --threads 8 --sizes real --real-batch 64 --real-images 64
+step lora 70 python3 -m bench.lora --device cuda --threads 8 --sizes real --real-batch 64 --real-images 64

@@ -28,7 +28,8 @@ from models.caption_folder import caption_folder
 from models.decoding import DecodeConfig, generate
 from models.features import FeatureFile, write_features
 from models.imageio import list_images
-from models.training import (TrainConfig, frozen_linear_weights_in, make_optimizer, train_step,
+from models.precision import StoredLinearWeights
+from models.training import (TrainConfig, make_optimizer, on_device_if_fits, train_step,
                              training_steps)
 
 TRAIN_CAPTIONS = 10604 * 5      # one epoch of the course's train split
@@ -99,19 +100,27 @@ def bench_extract(encoder, eid, paths, device, report, tmp, settings):
 
 TRAIN_SETTINGS = {
     "before": "foreach AdamW, fp32 frozen weights, features on the host (the first train stage)",
-    "as is": "as models.training.train runs it (fused AdamW, frozen Linear weights stored bf16, "
-             "features on the GPU)",
+    "frozen stored": "fused AdamW, frozen Linear weights stored bf16, trainable ones cast by "
+                     "autocast at every use, features on the GPU (2026-11-23 to 11-26)",
+    "as is": "as models.training.train runs it (fused AdamW, Linear weights stored bf16 with fp32 "
+             "masters for the trainable ones, features on the GPU)",
 }
 
 
+@contextlib.contextmanager
 def steps_as(setting, model, tokens, tok, config, device):
     """Inside: step(batch, lr), one training step as `setting` takes it."""
     if setting == "as is":
-        return training_steps(model, tokens, tok, config, device)
+        with training_steps(model, tokens, tok, config, device) as step:
+            yield step
+        return
+    before = setting == "before"
     model.to(device).train()
-    optimizer, params = make_optimizer(model, config, fused=False)
-    return contextlib.nullcontext(lambda b, lr: train_step(model, optimizer, params, b, tokens, tok,
-                                                           config, device, lr))
+    optimizer, params = make_optimizer(model, config, fused=False if before else None)
+    if not before:
+        tokens = on_device_if_fits(tokens, device)
+    with StoredLinearWeights(model, None if before else config.autocast_dtype(device), trainable=False):
+        yield lambda b, lr: train_step(model, optimizer, params, b, tokens, tok, config, device, lr)
 
 
 def bench_training(features, decoder, variants, device, report, batch, steps, warmup,
@@ -182,7 +191,7 @@ def bench_beam(features, decoder, device, report, batch, steps, beam, tuned=Fals
     for name, dtype in settings:
         stored = torch.bfloat16 if "stored bf16" in name else None
         peak_reset(device)
-        with autocast(device, dtype), frozen_linear_weights_in(model, stored):
+        with autocast(device, dtype), StoredLinearWeights(model, stored):
             generate(model, visual[:2], cfg, decoder.config.vocab_size - 1)
             with Stopwatch(device) as sw:
                 generate(model, visual, cfg, decoder.config.vocab_size - 1)
@@ -231,6 +240,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--tuned", action="store_true",
                    help="also measure training before the speed-ups, decoding with bf16-stored weights")
+    p.add_argument("--train-settings", nargs="+", choices=list(TRAIN_SETTINGS), default=None,
+                   help="training: the settings to compare (default: as is; with --tuned before and as is)")
     p.add_argument("--rounds", type=int, default=1, help="training: rounds over settings, best kept")
     p.add_argument("--skip", nargs="*", default=[],
                    choices=["encoder", "extract", "train", "profile", "beam", "e2e"],
@@ -267,7 +278,8 @@ def main(argv=None):
             settings.insert(0, ("fp32 (as the extract stage runs it)", None, 64, 0))
         features = bench_extract(encoder, eid, paths, device, report, tmp, settings)
         if "train" not in args.skip:
-            settings = ("before", "as is") if args.tuned and device.type == "cuda" else ("as is",)
+            settings = args.train_settings or (
+                ("before", "as is") if args.tuned and device.type == "cuda" else ("as is",))
             bench_training(features, decoder, args.variants, device, report, args.train_batch,
                            args.train_steps, 3, out if "profile" not in args.skip else None,
                            settings, args.rounds)

@@ -5,10 +5,10 @@ host spends ~70 ms issuing ~1100 kernels while the GPU computes for ~17 ms, so e
 call saved is host time saved. The number of calls per step does not depend on the batch size
 (since caption_batch pads with whole-array operations) and barely on the device (the CPU's and
 the GPU's autocast and attention kernels differ in a few calls), so it is counted here on the
-CPU, exactly, at a small batch: the second step as models.training runs it on a GPU
-(bf16 autocast, frozen Linear weights stored bf16, fused AdamW, gradient clipping), the batch's
-preparation included (caption padding and the CPU feature gather run in numpy, which makes no
-operator calls; on a GPU the gather and the copies to it add a few).
+CPU, exactly, at a small batch: the second step as models.training runs it on a GPU (bf16
+autocast, Linear weights stored bf16 with fp32 masters for the trainable ones, fused AdamW,
+gradient clipping), the batch's preparation included (caption padding and the CPU feature gather
+run in numpy, which makes no operator calls; on a GPU the gather and the copies to it add a few).
 
     python -m bench.ops                      # real size, every variant, ~20 s on 2 cores
     python -m bench.ops --size demo
@@ -25,7 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import build_variant, demo_decoder, random_captions, real_decoder
 from bench.train import IdTokenizer
-from models.training import TrainConfig, frozen_linear_weights_in, make_optimizer, train_step
+from models.precision import StoredLinearWeights
+from models.training import TrainConfig, make_optimizer, train_step
 
 VARIANTS = ["gated_cross:lora", "gated_cross:adapter", "gated_cross:prefix", "gated_cross:prompt",
             "gated_cross:adaption", "prefix:lora"]
@@ -58,9 +59,9 @@ def count_step(decoder, variant, visual_tokens, visual_width, batch_size):
     config = TrainConfig(batch_size=batch_size, precision="bf16")
     optimizer, params = make_optimizer(model, config, fused=True)
     counter = OperatorCounter()
-    with frozen_linear_weights_in(model, torch.bfloat16):
+    with StoredLinearWeights(model, torch.bfloat16) as stored:
         step = lambda: train_step(model, optimizer, params, batch, tokens, tokenizer, config,
-                                  torch.device("cpu"), config.lr)
+                                  torch.device("cpu"), config.lr, stored=stored)
         step()   # the first step creates the optimiser state
         with counter:
             step()

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from models.checkpoint import save_trainable
 from models.decoding import DecodeConfig, caption_features
-from models.precision import DTYPES, autocast
+from models.precision import DTYPES, StoredLinearWeights, autocast
 from models.scoring import cider, tokenize_pair
 from models.tokenizer import caption_batch, target_count
 
@@ -109,32 +109,6 @@ def gather_rows(tokens, rows):
     return tokens[rows]
 
 
-@contextlib.contextmanager
-def frozen_linear_weights_in(model, dtype):
-    """Inside: the frozen nn.Linear weights and biases are stored in `dtype` (None: unchanged).
-
-    Under autocast to `dtype` every forward casts them to `dtype` anyway: storing them cast gives
-    the same rounding and so the same products, without re-casting ~85M frozen weights at every
-    step (GPU profile in docs/performance.md). A Linear sharing its weight with an Embedding (the
-    tied lm_head) is left alone: the residual stream reads that table in fp32. The original fp32
-    parameters are put back on exit."""
-    if dtype is None:
-        yield model
-        return
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    saved = [(m, m.weight, m.bias) for m in model.modules()
-             if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and id(m.weight) not in tables]
-    try:
-        for module, weight, bias in saved:
-            module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-            if bias is not None and not bias.requires_grad:
-                module.bias = torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        yield model
-    finally:
-        for module, weight, bias in saved:
-            module.weight, module.bias = weight, bias
-
-
 def on_device_if_fits(tokens, device, share=0.5):
     """The whole image-token table on the GPU when it takes under `share` of its free memory: each
     step then gathers its rows there instead of on the host plus a host-to-device copy."""
@@ -202,20 +176,28 @@ def make_optimizer(model, config, fused=None):
     return optimizer, params
 
 
-def train_step(model, optimizer, params, batch, tokens, tokenizer, config, device, lr, loss=None):
+def train_step(model, optimizer, params, batch, tokens, tokenizer, config, device, lr, loss=None,
+               stored=None):
     """One optimiser step on a batch of (image row, caption ids) pairs; returns the loss tensor.
     `tokens[rows]` gives the batch's image tokens (bench/train.py passes other sources); `loss`
-    computes it (default: model.loss; see compiled_loss)."""
+    computes it (default: model.loss; see compiled_loss); `stored`: the StoredLinearWeights the
+    model is inside, whose masters are among the optimizer's `params`."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     # Gradients dropped before the forward: their memory is free for it, and with CUDA graphs
     # none of last step's graph outputs is still held when the next replay reuses it.
     optimizer.zero_grad(set_to_none=True)
+    if stored:
+        stored.zero_grad()
     loss = batch_loss(model, batch, tokens, tokenizer, config, device, loss, config.width_multiple)
     loss.backward()
+    if stored:
+        stored.grads_to_masters()
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
     optimizer.step()
+    if stored:
+        stored.masters_to_copies()
     return loss
 
 
@@ -223,15 +205,17 @@ def train_step(model, optimizer, params, batch, tokens, tokenizer, config, devic
 def training_steps(model, tokens, tokenizer, config, device):
     """Inside: step(batch, lr) -> loss tensor, one optimiser step as `train` takes it (bench/
     measures this same step), with what makes it fast around it: the model on `device`, fused
-    AdamW on a GPU, the image-token table on the GPU if it fits, the frozen weights stored in the
-    autocast dtype, the loss compiled if `config.compile` says so."""
+    AdamW on a GPU, the image-token table on the GPU if it fits, the Linear weights stored in the
+    autocast dtype (StoredLinearWeights), the loss compiled if `config.compile` says so. Inside,
+    the model holds working copies of its trainable Linear tensors: the trained values are in
+    the parameters it held before (the masters), which it holds again on exit."""
     model.to(device).train()
     optimizer, params = make_optimizer(model, config)
     tokens = on_device_if_fits(tokens, device)
-    with frozen_linear_weights_in(model, config.autocast_dtype(device)), \
+    with StoredLinearWeights(model, config.autocast_dtype(device)) as stored, \
             compiled_loss(model, config) as loss:
         yield lambda batch, lr: train_step(model, optimizer, params, batch, tokens, tokenizer,
-                                           config, device, lr, loss)
+                                           config, device, lr, loss, stored)
 
 
 @torch.no_grad()
@@ -272,6 +256,9 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
     if config.val_images:
         subset = subset[:config.val_images]
     history, best, done, start = [], None, 0, time.time()
+    # The trainable parameters themselves (they stay these objects when moved to the device):
+    # inside training_steps the model may hold working copies of some.
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with training_steps(model, train_pairs.tokens, tokenizer, config, device) as step:
         for epoch in range(1, config.epochs + 1):
             running, count = 0.0, 0
@@ -293,7 +280,7 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
                 f"val CIDEr {val_cider:.4f}")
             if best is None or val_cider > best["val_cider"]:
                 best = row
-                best_state = {n: t.to("cpu", copy=True) for n, t in model.trainable_state_dict().items()}
+                best_state = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.requires_grad:

@@ -1,5 +1,5 @@
-"""models.training on a tiny captioner: bf16-stored frozen weights give exactly the autocast
-products, a bf16 run (the GPU's path, here on the CPU) trains and checkpoints, the best epoch is
+"""models.training on a tiny captioner: bf16-stored Linear weights (trainable ones with fp32
+masters) give exactly the autocast products and updates, a bf16 run (the GPU's path, here on the CPU) trains and checkpoints, the best epoch is
 what the checkpoint holds, compiled training trains the same model as eager training, and bad
 settings are refused by name."""
 import shutil
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from models.checkpoint import load_trainable
-from models.training import (CaptionPairs, TrainConfig, evaluate, frozen_linear_weights_in,
-                             on_device_if_fits, train)
+from models.precision import StoredLinearWeights
+from models.training import (CaptionPairs, TrainConfig, evaluate, make_optimizer, on_device_if_fits,
+                             train, train_step, training_steps)
 from tests.test_captioner import DECODER, EOT, batch, build, course_sd, perturb  # noqa: F401
 
 WORDS = ["a", "red", "blue", "circle", "square", "star", "on", "the", "left", "right"]
@@ -35,21 +36,49 @@ def pairs(n_images, seed):
     return CaptionPairs((names, tokens), refs, WordTokenizer())
 
 
-def test_bf16_stored_frozen_weights_give_the_autocast_loss(course_sd):
+def test_bf16_stored_linear_weights_give_the_autocast_loss(course_sd):
     model = perturb(build(course_sd, "gated_cross", "lora"))
     visual, ids, targets = batch()
     before = {n: p for n, p in model.named_parameters()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = model.loss(visual, ids, targets)
-        with frozen_linear_weights_in(model, torch.bfloat16):
+        with StoredLinearWeights(model, torch.bfloat16):
             dtypes = {n: p.dtype for n, p in model.named_parameters()}
             stored = model.loss(visual, ids, targets)
     assert torch.equal(stored, reference)
-    assert dtypes["decoder.h.0.mlp.c_fc.weight"] == torch.bfloat16
-    assert dtypes["decoder.wte.weight"] == torch.float32            # the tied lm_head's table
-    assert all(dtypes[n] == torch.float32 for n, p in before.items() if p.requires_grad)
+    assert dtypes["decoder.h.0.mlp.c_fc.weight"] == torch.bfloat16       # frozen
+    assert dtypes["decoder.wte.weight"] == torch.float32                  # the tied lm_head's table
+    trainable = {n for n, p in before.items() if p.requires_grad}
+    linear = {n for n in trainable if dtypes[n] == torch.bfloat16}        # trainable working copies
+    assert linear and linear < trainable                                  # the LoRA factors are not Linear
+    assert all(n.endswith((".weight", ".bias")) and "lora_" not in n for n in linear)
     after = dict(model.named_parameters())   # the fp32 originals are back, the same objects
     assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+
+
+@pytest.mark.parametrize("variant", ["lora", "adapter"])
+def test_bf16_stored_linear_weights_train_exactly_as_autocast(course_sd, variant):
+    """training_steps under bf16 (Linear tensors stored bf16, fp32 masters updated by AdamW)
+    takes the very steps of plain autocast training, which casts fp32 weights at every use."""
+    data = pairs(8, seed=2)
+    batches = [data.pairs[i:i + 4] for i in (0, 4, 8, 12)]
+    config = TrainConfig(batch_size=4, lr=0.05, precision="bf16")
+    cpu = torch.device("cpu")
+    reference = perturb(build(course_sd, "gated_cross", variant))
+    optimizer, params = make_optimizer(reference, config)
+    expected = [train_step(reference, optimizer, params, b, data.tokens, WordTokenizer(), config,
+                           cpu, config.lr).item() for b in batches]
+    model = perturb(build(course_sd, "gated_cross", variant))
+    masters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with training_steps(model, data.tokens, WordTokenizer(), config, cpu) as step:
+        assert any(p.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
+        losses = [step(b, config.lr).item() for b in batches]
+    assert losses == expected
+    trained = dict(model.named_parameters())
+    for name, p in reference.named_parameters():
+        if p.requires_grad:
+            assert trained[name] is masters[name] and trained[name].dtype == torch.float32, name
+            assert torch.equal(trained[name], p), name
 
 
 def test_bf16_training_runs_and_keeps_the_best_epoch(course_sd, tmp_path):
@@ -63,6 +92,8 @@ def test_bf16_training_runs_and_keeps_the_best_epoch(course_sd, tmp_path):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert best["val_cider"] == max(r["val_cider"] for r in history)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    kv = [p for n, p in model.named_parameters() if n.endswith("kv.weight")]   # trainable Linear
+    assert kv and all(not torch.equal(p, p.bfloat16().float()) for p in kv)    # fp32 masters kept
     reloaded = build(course_sd, "gated_cross", "lora", seed=5)
     extra = load_trainable(reloaded, tmp_path / "ckpt.safetensors")
     assert extra["epoch"] == best["epoch"]
