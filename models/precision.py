@@ -37,6 +37,14 @@ class StoredLinearWeights:
     def __enter__(self):
         if self.dtype is None:
             return self
+        try:
+            self._store()
+        except BaseException:   # out of memory half-way: leave the model as it was
+            self.__exit__()
+            raise
+        return self
+
+    def _store(self):
         tables = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)}
         stored = {}   # id(original) -> its stored copy: a tensor shared by two modules stays shared
         for module in self.model.modules():
@@ -56,7 +64,6 @@ class StoredLinearWeights:
                         self.grads.append(torch.zeros_like(original))
                 self.slots.append((module, attribute, original, stored[id(original)]))
                 setattr(module, attribute, stored[id(original)])
-        return self
 
     def __exit__(self, *exc):
         for module, attribute, original, _ in self.slots:

@@ -187,16 +187,16 @@ def train_step(model, optimizer, params, batch, tokens, tokenizer, config, devic
     # Gradients dropped before the forward: their memory is free for it, and with CUDA graphs
     # none of last step's graph outputs is still held when the next replay reuses it.
     optimizer.zero_grad(set_to_none=True)
-    if stored:
+    if stored is not None:
         stored.zero_grad()
     loss = batch_loss(model, batch, tokens, tokenizer, config, device, loss, config.width_multiple)
     loss.backward()
-    if stored:
+    if stored is not None:
         stored.grads_to_masters()
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
     optimizer.step()
-    if stored:
+    if stored is not None:
         stored.masters_to_copies()
     return loss
 

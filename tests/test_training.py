@@ -56,6 +56,28 @@ def test_bf16_stored_linear_weights_give_the_autocast_loss(course_sd):
     assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
 
 
+def test_stored_linear_weights_keep_shared_tensors_shared_and_put_everything_back():
+    a, b, frozen = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    b.weight = a.weight   # one trainable tensor in two modules
+    frozen.requires_grad_(False)
+    model = torch.nn.Sequential(a, b, frozen)
+    originals = list(model.parameters())
+    with StoredLinearWeights(model, torch.bfloat16) as stored:
+        assert a.weight is b.weight and a.weight.dtype == torch.bfloat16 and a.weight.requires_grad
+        assert frozen.weight.dtype == torch.bfloat16 and not frozen.weight.requires_grad
+        assert len(stored.masters) == 3   # a's weight and bias, b's bias
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.ones(2, 4)).sum().backward()
+        stored.grads_to_masters()
+        assert a.weight.grad is not None and originals[0].grad.dtype == torch.float32
+        torch.testing.assert_close(originals[0].grad, a.weight.grad.float(), rtol=0, atol=0)
+    assert list(model.parameters()) == originals and b.weight is a.weight
+    with StoredLinearWeights(model, torch.bfloat16, trainable=False):
+        assert a.weight.dtype == torch.float32 and frozen.weight.dtype == torch.bfloat16
+    with StoredLinearWeights(model, None):
+        assert all(p is q for p, q in zip(model.parameters(), originals))
+
+
 @pytest.mark.parametrize("variant", ["lora", "adapter"])
 def test_bf16_stored_linear_weights_train_exactly_as_autocast(course_sd, variant):
     """training_steps under bf16 (Linear tensors stored bf16, fp32 masters updated by AdamW)
