@@ -1,7 +1,6 @@
-import math
-
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models.gpt2 import split_heads
 from models.peft.config import chosen_layers
@@ -20,9 +19,10 @@ class AdaptionPrompt(nn.Module):
 
     def forward(self, q, attn):
         kv = attn.c_attn(self.prompt[None])[..., self.n_embd:]  # the frozen k and v projections
-        k, v = (split_heads(t, self.n_head) for t in kv.split(self.n_embd, dim=2))
-        att = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).softmax(dim=-1)
-        return self.gate.view(1, -1, 1, 1) * (att @ v)
+        k, v = (split_heads(t, self.n_head).expand(q.size(0), -1, -1, -1)
+                for t in kv.split(self.n_embd, dim=2))
+        # softmax(q k^T / sqrt(head size)) v, no mask: every position sees every prompt token
+        return self.gate.view(1, -1, 1, 1) * F.scaled_dot_product_attention(q, k, v)
 
 
 def attach_adaption_prompt(decoder, config):

@@ -3,28 +3,40 @@ eval() and subtracts it again on train(), so every validation pass during traini
 the frozen weight by rounding. Unmerged, the frozen tensors stay bit-identical; the extra cost is
 one rank-r product per layer."""
 import loralib as lora
+import torch
 import torch.nn.functional as F
 
 
 class MergedLinear(lora.MergedLinear):
     """loralib's MergedLinear (same parameters, state-dict keys and merge rules) with a low-rank
-    forward: out[:, part] += (x A_part^T) B_part^T * scaling for each enabled part of the output.
+    forward: out[..., part] += (x A_part^T) B_part^T * scaling for each enabled part of the output.
 
     loralib's own forward builds the dense update B@A [out, in] at every call and places it with
     a boolean-mask assignment; that is an extra full-width matrix product per layer (forward and
-    backward), and on CUDA the mask's nonzero() makes the host wait for the GPU in every layer."""
+    backward), and on CUDA the mask's nonzero() makes the host wait for the GPU in every layer.
+    Here the enabled parts' updates are one batched product and land in the output with one
+    index_add (the same products and sums, bit for bit, as one in-place slice add per part, with
+    half the operator calls forward and backward: a GPU step is bound by them,
+    docs/performance.md)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the enabled parts' positions among the output's parts: a buffer, so it moves with the
+        # module to the GPU (a tensor made in forward would be a host-to-device copy per call)
+        parts = [i for i, on in enumerate(self.enable_lora) if on]
+        self.register_buffer("lora_parts", torch.tensor(parts), persistent=False)
 
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)
         if self.r == 0 or self.merged or not any(self.enable_lora):
             return out
-        width = self.out_features // len(self.enable_lora)
-        low = self.lora_dropout(x) @ self.lora_A.T  # [..., r * enabled parts]
-        parts = zip(low.split(self.r, dim=-1), self.lora_B.split(width))
-        for i in [i for i, on in enumerate(self.enable_lora) if on]:
-            a, b = next(parts)
-            out[..., i * width:(i + 1) * width] += (a @ b.T) * self.scaling
-        return out
+        n_parts, width = len(self.lora_parts), self.out_features // len(self.enable_lora)
+        low = self.lora_dropout(x) @ self.lora_A.T                         # [..., parts * r]
+        low = low.reshape(-1, n_parts, self.r).transpose(0, 1)             # [parts, N, r]
+        b = self.lora_B.view(n_parts, width, self.r).transpose(1, 2)       # [parts, r, width]
+        update = torch.bmm(low, b).transpose(0, 1) * self.scaling          # [N, parts, width]
+        out = out.view(-1, len(self.enable_lora), width).index_add(1, self.lora_parts, update)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 def _lora_linear(linear, config, enable=None):
