@@ -24,7 +24,7 @@ class MergedLinear(lora.MergedLinear):
         # the enabled parts' positions among the output's parts: a buffer, so it moves with the
         # module to the GPU (a tensor made in forward would be a host-to-device copy per call)
         parts = [i for i, on in enumerate(self.enable_lora) if on]
-        self.register_buffer("lora_parts", torch.tensor(parts), persistent=False)
+        self.register_buffer("lora_parts", torch.tensor(parts, dtype=torch.long), persistent=False)
 
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)
