@@ -29,8 +29,7 @@ from models.decoding import DecodeConfig, generate
 from models.features import FeatureFile, write_features
 from models.imageio import list_images
 from models.precision import StoredLinearWeights
-from models.training import (TrainConfig, make_optimizer, on_device_if_fits, train_step,
-                             training_steps)
+from models.training import TrainConfig, make_optimizer, train_step, training_steps
 
 TRAIN_CAPTIONS = 10604 * 5      # one epoch of the course's train split
 VAL_IMAGES = 1789
@@ -107,20 +106,15 @@ TRAIN_SETTINGS = {
 }
 
 
-@contextlib.contextmanager
 def steps_as(setting, model, tokens, tok, config, device):
     """Inside: step(batch, lr), one training step as `setting` takes it."""
-    if setting == "as is":
-        with training_steps(model, tokens, tok, config, device) as step:
-            yield step
-        return
-    before = setting == "before"
+    if setting != "before":
+        return training_steps(model, tokens, tok, config, device,
+                              store_trainable=setting == "as is")
     model.to(device).train()
-    optimizer, params = make_optimizer(model, config, fused=False if before else None)
-    if not before:
-        tokens = on_device_if_fits(tokens, device)
-    with StoredLinearWeights(model, None if before else config.autocast_dtype(device), trainable=False):
-        yield lambda b, lr: train_step(model, optimizer, params, b, tokens, tok, config, device, lr)
+    optimizer, params = make_optimizer(model, config, fused=False)
+    return contextlib.nullcontext(lambda b, lr: train_step(model, optimizer, params, b, tokens, tok,
+                                                           config, device, lr))
 
 
 def bench_training(features, decoder, variants, device, report, batch, steps, warmup,
@@ -191,7 +185,7 @@ def bench_beam(features, decoder, device, report, batch, steps, beam, tuned=Fals
     for name, dtype in settings:
         stored = torch.bfloat16 if "stored bf16" in name else None
         peak_reset(device)
-        with autocast(device, dtype), StoredLinearWeights(model, stored):
+        with autocast(device, dtype), StoredLinearWeights(model, stored, trainable=False):
             generate(model, visual[:2], cfg, decoder.config.vocab_size - 1)
             with Stopwatch(device) as sw:
                 generate(model, visual, cfg, decoder.config.vocab_size - 1)
@@ -241,7 +235,7 @@ def main(argv=None):
     p.add_argument("--tuned", action="store_true",
                    help="also measure training before the speed-ups, decoding with bf16-stored weights")
     p.add_argument("--train-settings", nargs="+", choices=list(TRAIN_SETTINGS), default=None,
-                   help="training: the settings to compare (default: as is; with --tuned before and as is)")
+                   help="training: the settings to compare (default: as is; --tuned: before, as is)")
     p.add_argument("--rounds", type=int, default=1, help="training: rounds over settings, best kept")
     p.add_argument("--skip", nargs="*", default=[],
                    choices=["encoder", "extract", "train", "profile", "beam", "e2e"],

@@ -76,12 +76,17 @@ class StoredLinearWeights:
 
     def grads_to_masters(self):
         """The working copies' gradients, in fp32, as their masters' gradients (a copy that got
-        no gradient leaves its master's None, as autocast would)."""
+        no gradient leaves its master's None, as autocast would). A master that also got a
+        gradient of its own (used directly by a module that is not a Linear) gets the sum."""
         got = [i for i, copy in enumerate(self.copies) if copy.grad is not None]
         if got:
             torch._foreach_copy_([self.grads[i] for i in got], [self.copies[i].grad for i in got])
         for i in got:
-            self.masters[i].grad = self.grads[i]
+            master = self.masters[i]
+            if master.grad is None:
+                master.grad = self.grads[i]
+            else:
+                master.grad += self.grads[i]
 
     @torch.no_grad()
     def masters_to_copies(self):

@@ -184,8 +184,9 @@ def train_step(model, optimizer, params, batch, tokens, tokenizer, config, devic
     model is inside, whose masters are among the optimizer's `params`."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    # Gradients dropped before the forward: their memory is free for it, and with CUDA graphs
-    # none of last step's graph outputs is still held when the next replay reuses it.
+    # Gradients dropped before the forward: their memory is free for it (but for the masters'
+    # fp32 buffers of StoredLinearWeights), and with CUDA graphs none of last step's graph
+    # outputs is still held when the next replay reuses it.
     optimizer.zero_grad(set_to_none=True)
     if stored is not None:
         stored.zero_grad()
@@ -202,17 +203,19 @@ def train_step(model, optimizer, params, batch, tokens, tokenizer, config, devic
 
 
 @contextlib.contextmanager
-def training_steps(model, tokens, tokenizer, config, device):
+def training_steps(model, tokens, tokenizer, config, device, store_trainable=True):
     """Inside: step(batch, lr) -> loss tensor, one optimiser step as `train` takes it (bench/
     measures this same step), with what makes it fast around it: the model on `device`, fused
     AdamW on a GPU, the image-token table on the GPU if it fits, the Linear weights stored in the
     autocast dtype (StoredLinearWeights), the loss compiled if `config.compile` says so. Inside,
     the model holds working copies of its trainable Linear tensors: the trained values are in
-    the parameters it held before (the masters), which it holds again on exit."""
+    the parameters it held before (the masters), which it holds again on exit; do not move the
+    model inside. store_trainable=False: only the frozen ones are stored, autocast casts the
+    trainable ones at every use (bench/gpu.py compares)."""
     model.to(device).train()
     optimizer, params = make_optimizer(model, config)
     tokens = on_device_if_fits(tokens, device)
-    with StoredLinearWeights(model, config.autocast_dtype(device)) as stored, \
+    with StoredLinearWeights(model, config.autocast_dtype(device), store_trainable) as stored, \
             compiled_loss(model, config) as loss:
         yield lambda batch, lr: train_step(model, optimizer, params, batch, tokens, tokenizer,
                                            config, device, lr, loss, stored)
@@ -256,8 +259,9 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
     if config.val_images:
         subset = subset[:config.val_images]
     history, best, done, start = [], None, 0, time.time()
-    # The trainable parameters themselves (they stay these objects when moved to the device):
-    # inside training_steps the model may hold working copies of some.
+    # The trainable parameters, on the device: inside training_steps the model may hold working
+    # copies of some, and these are their masters.
+    model.to(device)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with training_steps(model, train_pairs.tokens, tokenizer, config, device) as step:
         for epoch in range(1, config.epochs + 1):

@@ -501,6 +501,7 @@ def test_low_rank_lora_forward_equals_loralibs(enable):
     plain = F.linear(x, layer.weight, layer.bias).detach().view(3, 5, 3, 6)
     assert torch.equal(outs[0].view(3, 5, 3, 6)[:, :, disabled], plain[:, :, disabled])
     assert not torch.allclose(outs[0], plain.view(3, 5, 18))
+    torch.testing.assert_close(layer(x.detach()[0]), outs[0][0])   # one sequence, [tokens, width]
 
 
 # --- the budget at real size -------------------------------------------------------------------

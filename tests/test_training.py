@@ -1,7 +1,7 @@
 """models.training on a tiny captioner: bf16-stored Linear weights (trainable ones with fp32
-masters) give exactly the autocast products and updates, a bf16 run (the GPU's path, here on the CPU) trains and checkpoints, the best epoch is
-what the checkpoint holds, compiled training trains the same model as eager training, and bad
-settings are refused by name."""
+masters) give exactly the autocast products and updates, a bf16 run (the GPU's path, here on
+the CPU) trains and checkpoints, the best epoch is what the checkpoint holds, compiled training
+trains the same model as eager training, and bad settings are refused by name."""
 import shutil
 
 import pytest
@@ -50,7 +50,7 @@ def test_bf16_stored_linear_weights_give_the_autocast_loss(course_sd):
     assert dtypes["decoder.wte.weight"] == torch.float32                  # the tied lm_head's table
     trainable = {n for n, p in before.items() if p.requires_grad}
     linear = {n for n in trainable if dtypes[n] == torch.bfloat16}        # trainable working copies
-    assert linear and linear < trainable                                  # the LoRA factors are not Linear
+    assert linear and linear < trainable            # the LoRA factors are not Linear: not stored
     assert all(n.endswith((".weight", ".bias")) and "lora_" not in n for n in linear)
     after = dict(model.named_parameters())   # the fp32 originals are back, the same objects
     assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
@@ -76,6 +76,30 @@ def test_stored_linear_weights_keep_shared_tensors_shared_and_put_everything_bac
         assert a.weight.dtype == torch.float32 and frozen.weight.dtype == torch.bfloat16
     with StoredLinearWeights(model, None):
         assert all(p is q for p, q in zip(model.parameters(), originals))
+
+
+def test_a_stored_tensor_used_directly_elsewhere_gets_both_gradients():
+    """A trainable Linear weight also read by a module that is not a Linear: its master's gradient
+    is the sum of both uses, as under plain autocast (up to bf16 rounding of the sum's order)."""
+    class Direct(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+            self.weight = linear.weight
+
+        def forward(self, x):
+            return self.linear(x) + x @ self.weight
+
+    grads = []
+    for store in (False, True):
+        torch.manual_seed(0)
+        model = Direct(torch.nn.Linear(4, 4))
+        with StoredLinearWeights(model, torch.bfloat16 if store else None) as stored:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(torch.randn(3, 4)).float().square().sum().backward()
+            stored.grads_to_masters()
+        grads.append(model.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=2e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("variant", ["lora", "adapter"])

@@ -18,11 +18,13 @@ class AdaptionPrompt(nn.Module):
         self.gate = nn.Parameter(torch.zeros(n_head))
 
     def forward(self, q, attn):
+        B, H, T, hd = q.shape
         kv = attn.c_attn(self.prompt[None])[..., self.n_embd:]  # the frozen k and v projections
-        k, v = (split_heads(t, self.n_head).expand(q.size(0), -1, -1, -1)
-                for t in kv.split(self.n_embd, dim=2))
-        # softmax(q k^T / sqrt(head size)) v, no mask: every position sees every prompt token
-        return self.gate.view(1, -1, 1, 1) * F.scaled_dot_product_attention(q, k, v)
+        k, v = (split_heads(t, self.n_head)[0] for t in kv.split(self.n_embd, dim=2))  # [H, L, hd]
+        # softmax(q k^T / sqrt(hd)) v with no mask: every position of every caption sees every
+        # prompt token, so the batch folds into the query length (no broadcast over the batch)
+        y = F.scaled_dot_product_attention(q.transpose(0, 1).reshape(H, B * T, hd), k, v)
+        return self.gate.view(1, -1, 1, 1) * y.view(H, B, T, hd).transpose(0, 1)
 
 
 def attach_adaption_prompt(decoder, config):

@@ -34,7 +34,7 @@ class MergedLinear(lora.MergedLinear):
         width = self.out_features // len(self.enable_lora)
         low = self.lora_dropout(x) @ self.lora_A.T                         # [..., parts * r]
         parts = zip(low.split(self.r, dim=-1), self.lora_B.split(width))
-        update = torch.stack([a @ b.T for a, b in parts], dim=-2) * self.scaling   # [..., parts, width]
+        update = torch.stack([a @ b.T for a, b in parts], dim=-2) * self.scaling  # [..., parts, w]
         out = out.view(*x.shape[:-1], len(self.enable_lora), width)
         return out.index_add(-2, self.lora_parts, update).flatten(-2)
 
