@@ -38,9 +38,12 @@ class GPT2Config:
 
 
 class LayerCache:
-    """Keys/values of one layer: self-attention so far, and the image's (computed once)."""
+    """Keys/values of one layer: self-attention so far, and the image's (computed once); `shared`,
+    one dict for every layer of a Cache, keeps what all layers need, made once: the causal mask
+    (attend), prefix tuning's key/values of all layers (models.peft.prefix)."""
 
-    def __init__(self):
+    def __init__(self, shared=None):
+        self.shared = {} if shared is None else shared
         self.k = None  # [B, n_head, L, head_dim]
         self.v = None
         self.cross_k = None  # [B, n_head, V, head_dim]
@@ -58,7 +61,8 @@ class Cache:
     """Per-layer caches plus the number of text positions consumed (for wpe)."""
 
     def __init__(self, n_layer):
-        self.layers = [LayerCache() for _ in range(n_layer)]
+        shared = {}
+        self.layers = [LayerCache(shared) for _ in range(n_layer)]
         self.text_len = 0
         self.started = False  # prefix tokens (visual prefix, soft prompt) go in only once
 
@@ -81,14 +85,25 @@ def merge_heads(x):
     return x.transpose(1, 2).reshape(B, T, nh * hd)
 
 
-def attend(q, k, v, causal=False, capture=False):
+def attend(q, k, v, causal=False, capture=False, masks=None):
     """Scaled dot-product attention; with capture, also return the weights [B, nh, T, L].
 
     causal: query i (the i-th new token) sees every key up to and including its own place, the
-    mask aligned to the lower right, so that past keys (a cache, prefix tuning) are seen by all."""
+    mask aligned to the lower right, so that past keys (a cache, prefix tuning) are seen by all.
+    masks: a dict keeping the masks made, for the next layers (LayerCache.shared)."""
     n_query, n_key = q.size(2), k.size(2)
     causal = causal and n_query > 1  # a single new token sees every key
-    mask = causal_mask(n_query, n_key, q.device) if causal and (capture or n_query < n_key) else None
+    mask = None
+    if causal and (capture or n_query < n_key):
+        # Additive (0 / -inf in q's dtype): what SDPA would turn a boolean mask into in every
+        # layer, the same numbers; made once per shape and dtype for all layers.
+        masks = {} if masks is None else masks
+        key = (n_query, n_key, q.device, q.dtype)
+        if key not in masks:
+            seen = causal_mask(n_query, n_key, q.device)
+            masks[key] = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~seen, float("-inf"))
+        mask = masks[key]
     if not capture:
         # Square (training, a first step): SDPA's is_causal aligns to the upper left, which is then
         # the lower right, and needs no mask tensor built per layer (on a GPU: the flash kernel).
@@ -96,7 +111,7 @@ def attend(q, k, v, causal=False, capture=False):
                                               is_causal=causal and mask is None), None
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
     if mask is not None:
-        att = att.masked_fill(~mask, float("-inf"))
+        att = att + mask
     att = att.softmax(dim=-1)
     return att @ v, att
 
@@ -116,14 +131,14 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.prefix = None  # module: batch_size -> (k, v) of [B, n_head, P, head_dim]
+        self.prefix = None  # (batch_size, shared dict) -> (k, v) of [B, n_head, P, head_dim]
         self.adaption = None  # module: (q, attn) -> extra attention output [B, n_head, T, hd]
 
     def forward(self, x, layer_cache, capture=False):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))
         k, v = layer_cache.append(k, v)
-        y, att = attend(q, k, v, causal=True, capture=capture)
+        y, att = attend(q, k, v, causal=True, capture=capture, masks=layer_cache.shared)
         if self.adaption is not None:
             y = y + self.adaption(q, self)
         return self.c_proj(merge_heads(y)), att
@@ -188,7 +203,7 @@ class GPT2(nn.Module):
         cache = Cache(len(self.h))
         for block, layer_cache in zip(self.h, cache.layers):
             if block.attn.prefix is not None:
-                layer_cache.append(*block.attn.prefix(batch_size))
+                layer_cache.append(*block.attn.prefix(batch_size, layer_cache.shared))
         return cache
 
     def forward(self, idx, cache=None, prefix_embeds=None, visual=None, capture=False,

@@ -36,8 +36,12 @@ class PrefixHook:
     def __init__(self, encoder, layer):
         self.encoder, self.layer = encoder, layer
 
-    def __call__(self, batch_size):
-        kv = self.encoder.key_values()[:, self.layer]  # [P, 2, C]
+    def __call__(self, batch_size, shared):
+        """This layer's (k, v); `shared` (one dict per decoder cache) keeps the key/values of
+        every layer, so that the encoder (an MLP with prefix_hidden) runs once per forward."""
+        if id(self.encoder) not in shared:
+            shared[id(self.encoder)] = self.encoder.key_values()
+        kv = shared[id(self.encoder)][:, self.layer]  # [P, 2, C]
         k, v = (split_heads(kv[None, :, j].expand(batch_size, -1, -1), self.encoder.n_head)
                 for j in (0, 1))
         return k, v
