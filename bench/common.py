@@ -213,5 +213,37 @@ def random_captions(n, vocab_size, seed=0, lengths=(8, 20)):
     return [[rng.randrange(vocab_size - 1) for _ in range(rng.randint(*lengths))] for _ in range(n)]
 
 
+def caption_batches(n_images, n_batches, batch_size, vocab_size, by_image=False, per_image=5,
+                    seed=0):
+    """`n_batches` training batches of (image row, caption ids) pairs over a table of `n_images`
+    images, composed as an epoch of the course's train split composes them
+    (models.training.CaptionPairs.batches). by_image=False, the captions in random order: of
+    batches of 64 of the split's 53,020 captions ~14% hold one image twice, the rest none, so here
+    every batch holds distinct images (which needs n_images >= batch_size); since training reads
+    each image of a batch once, a small table sampled with replacement would flatter every step.
+    by_image=True (train.group_by_image): each image's `per_image` captions one after another,
+    the images in random order."""
+    rng = random.Random(seed)
+    captions = random_captions(n_batches * batch_size, vocab_size, seed=seed + 1)
+    if by_image:
+        rows = []
+        while len(rows) < len(captions):
+            images = list(range(n_images))
+            rng.shuffle(images)
+            rows += [i for i in images for _ in range(per_image)]
+    else:
+        if n_images < batch_size:
+            raise SystemExit(f"{n_images} images cannot fill a batch of {batch_size} captions "
+                             "of distinct images: use more images or a smaller batch")
+        rows = [i for _ in range(n_batches) for i in rng.sample(range(n_images), batch_size)]
+    pairs = list(zip(rows, captions))
+    return [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
+
+
+def captions_per_image(batches):
+    """Captions per distinct image of a batch, over `batches` (what a batch computes once)."""
+    return sum(map(len, batches)) / sum(len({row for row, _ in b}) for b in batches)
+
+
 def fmt_rate(x):
     return f"{x:,.1f}" if x < 100 else f"{x:,.0f}"

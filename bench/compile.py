@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import (Stopwatch, add_device_args, build_variant, demo_decoder, fmt_rate,
-                          peak_gib, peak_reset, random_captions, real_decoder, sync, use_device)
+from bench.common import (Stopwatch, add_device_args, build_variant, caption_batches, demo_decoder,
+                          fmt_rate, peak_gib, peak_reset, real_decoder, sync, use_device)
 from bench.train import IdTokenizer
 from models.gpt2 import GPT2, GPT2Config
 from models.training import COMPILE_MODES, COMPILE_WIDTH_STEP, TrainConfig, training_steps
@@ -85,10 +85,7 @@ def bench_size(size, args, device, log=print):
     batch_size = args.batch_size or {"demo": 32, "real": 4, "overhead": 4}[size]
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(args.images, n_tokens, width, generator=g).half()
-    captions = random_captions(batch_size * args.steps, vocab, seed=1)
-    rows = torch.randint(args.images, (len(captions),), generator=g).tolist()
-    pairs = list(zip(rows, captions))
-    batches = [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
+    batches = caption_batches(args.images, args.steps, batch_size, vocab)
     log(f"{size}: decoder {source}; image tokens {n_tokens} x {width}; {len(batches)} batches of "
         f"{batch_size}")
     rows_out = []
@@ -104,10 +101,10 @@ def bench_size(size, args, device, log=print):
             del model
             sync(device)
             log(f"  {size} {variant} {label(mode)}: first pass {first:.1f} s, then "
-                f"{len(pairs) / steady:.1f} captions/s")
+                f"{batch_size * len(batches) / steady:.1f} captions/s")
         eager = measured["none"]
         results = [dict(size=size, variant=variant, setting=label(mode), first_s=first,
-                        rate=len(pairs) / steady, speedup=eager[1] / steady, mem=mem,
+                        rate=batch_size * len(batches) / steady, speedup=eager[1] / steady, mem=mem,
                         loss_diff=max(abs(a - b) / abs(a) for a, b in zip(eager[2], losses)))
                    for mode, (first, steady, losses, mem) in measured.items()]
         log(table(results))   # now, in case a time limit stops the run before the end

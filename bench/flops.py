@@ -105,13 +105,15 @@ class CaptionerShape:
         frozen += L * 4 * n_query * self.adaption_length * C
         return frozen + trainable, trainable
 
-    def train_per_caption(self, text_len):
-        """Training FLOPs of one caption padded to `text_len` positions (start token included)."""
+    def train_per_caption(self, text_len, captions_per_image=1):
+        """Training FLOPs of one caption padded to `text_len` positions (start token included), its
+        image's share: a batch computes an image's projection and cross-attention keys/values
+        once for its `captions_per_image` captions (models.training.batch_loss)."""
         P = self._input_prefix()
         T = P + text_len
         fwd, trainable = self._token_forward(T, T + self.prefix_length)
         head = 2 * text_len * self.n_embd * self.vocab
-        visual = self.visual_forward()       # all trainable (projection, cross k/v)
+        visual = self.visual_forward() / captions_per_image   # all trainable (projection, cross k/v)
         forward = fwd + head + visual
         return 2 * forward + trainable + visual
 

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +22,9 @@ from pathlib import Path
 import torch
 
 from bench import flops
-from bench.common import (Stopwatch, build_variant, fmt_rate, peak_gib, peak_reset, random_captions,
-                          real_decoder, real_encoder, synthetic_tokenizer, write_jpegs)
+from bench.common import (Stopwatch, build_variant, caption_batches, captions_per_image, fmt_rate,
+                          peak_gib, peak_reset, real_decoder, real_encoder, synthetic_tokenizer,
+                          write_jpegs)
 from bench.train import IdTokenizer
 from models.caption_folder import caption_folder
 from models.decoding import DecodeConfig, generate
@@ -103,6 +105,8 @@ TRAIN_SETTINGS = {
                      "autocast at every use, features on the GPU (2026-11-23 to 11-26)",
     "as is": "as models.training.train runs it (fused AdamW, Linear weights stored bf16 with fp32 "
              "masters for the trainable ones, features on the GPU)",
+    "as is, by image": "as is, each image's 5 captions batched together (train.group_by_image: "
+                       "its cross-attention keys/values computed once for them)",
 }
 
 
@@ -110,7 +114,7 @@ def steps_as(setting, model, tokens, tok, config, device):
     """Inside: step(batch, lr), one training step as `setting` takes it."""
     if setting != "before":
         return training_steps(model, tokens, tok, config, device,
-                              store_trainable=setting == "as is")
+                              store_trainable=setting != "frozen stored")
     model.to(device).train()
     optimizer, params = make_optimizer(model, config, fused=False)
     return contextlib.nullcontext(lambda b, lr: train_step(model, optimizer, params, b, tokens, tok,
@@ -123,19 +127,20 @@ def bench_training(features, decoder, variants, device, report, batch, steps, wa
     vocab = decoder.config.vocab_size
     tok = IdTokenizer()
     tok.eot_id = vocab - 1
-    caps = random_captions(batch * (steps + warmup), vocab, seed=1)
-    rows = torch.randint(len(tokens), (len(caps),), generator=torch.Generator().manual_seed(2)).tolist()
-    pairs = list(zip(rows, caps))
-    batches = [pairs[i:i + batch] for i in range(0, len(pairs), batch)]
-    text_len = round(sum(max(len(c) for _, c in b) + 2 for b in batches) / len(batches))
+    # The same captions in both compositions: distinct images per batch, or by image.
+    composed = {by_image: caption_batches(len(tokens), steps + warmup, batch, vocab, by_image)
+                for by_image in (False, True)}
+    text_len = round(sum(max(len(c) for _, c in b) + 2 for b in composed[False]) / len(composed[False]))
     config = TrainConfig(batch_size=batch)
     for variant in variants:
-        best = {}
+        best, per_caption = {}, {}
         for _ in range(rounds):   # settings interleaved, the best round of each kept
             for setting in settings:
+                batches = composed[setting.endswith("by image")]
                 model = build_variant(decoder, variant, tokens.shape[2], tokens.shape[1])
                 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                per_caption = flops.CaptionerShape.of(model).train_per_caption(text_len)
+                per_caption[setting] = flops.CaptionerShape.of(model).train_per_caption(
+                    text_len, captions_per_image(batches))
                 peak_reset(device)
                 with steps_as(setting, model, tokens, tok, config, device) as step:
                     for b in batches[:warmup]:
@@ -146,15 +151,16 @@ def bench_training(features, decoder, variants, device, report, batch, steps, wa
                     if setting not in best or sw.seconds < best[setting][0]:
                         best[setting] = (sw.seconds, peak_gib(device))
                     if profile_dir is not None and variant == variants[0]:
+                        name = re.sub(r"[^\w.-]+", "_", setting)   # names the device tool returns
                         profile_training(step, batches[:6], config, device,
-                                         profile_dir / f"profile_train_{setting.replace(' ', '_')}.txt")
+                                         profile_dir / f"profile_train_{name}.txt")
                 del model, step
         for setting in settings:
             seconds, mem = best[setting]
             rate = batch * steps / seconds
             report.add(f"training {variant} ({trainable / 1e6:.1f}M trainable), cached features",
                        f"{TRAIN_SETTINGS[setting]}, autocast bf16, batch {batch}", "caption", rate,
-                       per_caption, mem,
+                       per_caption[setting], mem,
                        f"epoch of {TRAIN_CAPTIONS} captions: {TRAIN_CAPTIONS / rate:.0f} s")
         profile_dir = None
 
@@ -257,6 +263,7 @@ def main(argv=None):
             decoder, _ = demo_decoder()
             tokenizer = synthetic_tokenizer(decoder.config.vocab_size)
             n, enc_batch, reps = min(args.images, 24), 8, 1
+            args.train_batch = min(args.train_batch, n)   # a batch's images are distinct
         else:
             encoder, eid, _ = real_encoder(tmp, device=device)
             decoder, _ = real_decoder()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from bench.common import (add_device_args, build_variant, demo_decoder, fmt_rate, random_captions,
+from bench.common import (add_device_args, build_variant, caption_batches, demo_decoder, fmt_rate,
                           real_decoder, sync, use_device)
 from bench.train import IdTokenizer
 from models.features import FORMAT_VERSION, LIBVER, FeatureFile
@@ -103,9 +103,7 @@ def train_rate(size, features, batch_size, steps, device):
     ram = FeatureFile(features.path, in_memory=True).read_rows(range(len(features)))
     tok = IdTokenizer()
     tok.eot_id = decoder.config.vocab_size - 1
-    caps = random_captions(batch_size * (steps + 1), decoder.config.vocab_size, seed=1)
-    rows = torch.randint(len(ram), (len(caps),), generator=torch.Generator().manual_seed(3)).tolist()
-    batches = [list(zip(rows, caps))[i:i + batch_size] for i in range(0, len(caps), batch_size)]
+    batches = caption_batches(len(ram), steps + 1, batch_size, decoder.config.vocab_size)
     train_step(model, optimizer, params, batches[0], ram, tok, config, device, config.lr).item()
     sync(device)
     start = time.perf_counter()

@@ -12,12 +12,11 @@ The beam search's token ids are compared between the two (their sums differ only
 """
 import argparse
 import contextlib
-import random
 
 import loralib
 import torch
 
-from bench.common import (Stopwatch, add_device_args, build_variant, demo_decoder, random_captions,
+from bench.common import (Stopwatch, add_device_args, build_variant, caption_batches, demo_decoder,
                           real_decoder, use_device)
 from bench.train import time_source
 from models.decoding import DecodeConfig, generate
@@ -60,10 +59,7 @@ def bench_size(size, decoder, visual_shape, batch, images, args, device):
     model.train()
     config = TrainConfig(batch_size=batch)
     optimizer, params = make_optimizer(model, config)
-    rng = random.Random(2)
-    captions = random_captions(batch * args.steps, decoder.config.vocab_size, seed=1)
-    pairs = [(rng.randrange(images), c) for c in captions]
-    batches = [pairs[i:i + batch] for i in range(0, len(pairs), batch)]
+    batches = caption_batches(images, args.steps, batch, decoder.config.vocab_size)
     for round_ in range(args.rounds):
         for name in FORWARDS:
             with lora_forward(name):

@@ -11,9 +11,13 @@ code (`models.features.write_features`) encodes them into an HDF5 feature file; 
 variant trains with `models.training.train_step` (the pipeline's own step: AdamW, clipping,
 autocast bf16 on GPU) fed from three sources of image tokens:
   h5 in RAM     the whole file read into memory once (what stages/train.py does)
+  h5 in RAM, by image
+                the same, each image's 5 captions batched together (train.group_by_image), so
+                that the step computes its cross-attention keys/values once for them
   h5 rows       rows read from the HDF5 file every step (FeatureFile.read_rows)
   encode/step   each caption's JPEG decoded and run through the frozen encoder every step
-Batches are (image, caption) pairs with images drawn at random, as in an epoch over captions.
+Batches are (image, caption) pairs, the images of a batch distinct as in an epoch over captions in
+random order, or, for "by image", 5 captions per image (bench.common.caption_batches).
 """
 import argparse
 import tempfile
@@ -25,13 +29,13 @@ import torch
 
 from bench import flops
 from bench.common import (COURSE_IMAGE, DEMO_IMAGE, Stopwatch, add_device_args, build_variant,
-                          demo_decoder, demo_encoder, fmt_rate, random_captions, real_decoder,
-                          real_encoder, sync, use_device, write_jpegs)
+                          caption_batches, captions_per_image, demo_decoder, demo_encoder, fmt_rate,
+                          real_decoder, real_encoder, sync, use_device, write_jpegs)
 from models.features import FeatureFile, write_features
 from models.imageio import load_rgb
 from models.training import TrainConfig, make_optimizer, train_step
 
-SOURCES = ("h5 in RAM", "h5 rows", "encode/step")
+SOURCES = ("h5 in RAM", "h5 in RAM, by image", "h5 rows", "encode/step")
 
 
 class H5Rows:
@@ -112,36 +116,36 @@ def time_source(model, optimizer, params, tokens, batches, eot_id, config, devic
 
 
 def bench_size(size, args, device, tmp, log=print):
-    encoder, eid, paths, features = prepare(size, tmp, device, args.images, log)
+    batch_size = args.batch_size or (32 if size == "demo" else 4)
+    # A batch's captions have distinct images, as in an epoch (bench.common.caption_batches).
+    encoder, eid, paths, features = prepare(size, tmp, device, max(args.images, batch_size), log)
     decoder, source = demo_decoder() if size == "demo" else real_decoder()
     log(f"{size}: decoder {source}")
     vocab, eot = decoder.config.vocab_size, decoder.config.vocab_size - 1
-    batch_size = args.batch_size or (32 if size == "demo" else 4)
-    n_batches = args.steps
-    captions = random_captions(batch_size * n_batches, vocab, seed=1)
-    g = torch.Generator().manual_seed(2)
-    rows = torch.randint(len(paths), (batch_size * n_batches,), generator=g).tolist()
-    pairs = list(zip(rows, captions))
-    batches = [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
+    batches = caption_batches(len(paths), args.steps, batch_size, vocab)
+    by_image = caption_batches(len(paths), args.steps, batch_size, vocab, by_image=True)
     text_len = sum(max(len(c) for _, c in b) + 2 for b in batches) / len(batches)
 
     in_ram = FeatureFile(features.path, in_memory=True).read_rows(range(len(features)))
     on_the_fly = EncodeEveryStep(paths, encoder, device)
-    sources = {"h5 in RAM": in_ram, "h5 rows": H5Rows(features), "encode/step": on_the_fly}
+    sources = {"h5 in RAM": (in_ram, batches), "h5 in RAM, by image": (in_ram, by_image),
+               "h5 rows": (H5Rows(features), batches), "encode/step": (on_the_fly, batches)}
     enc_flop = flops.encoder_forward(encoder)
     config = TrainConfig(batch_size=batch_size)
     results = []
     for variant in args.variants:
         model = build_variant(decoder, variant, features.width, features.num_tokens).to(device).train()
         optimizer, params = make_optimizer(model, config)
-        per_caption = flops.CaptionerShape.of(model).train_per_caption(round(text_len))
+        shape = flops.CaptionerShape.of(model)
         best = {}
         for round_ in range(args.rounds):   # sources interleaved; the best round of each kept
             for name in SOURCES:
                 on_the_fly.decode.seconds = on_the_fly.encode.seconds = on_the_fly.images = 0
-                step_s = time_source(model, optimizer, params, sources[name], batches, eot,
+                tokens, source_batches = sources[name]
+                step_s = time_source(model, optimizer, params, tokens, source_batches, eot,
                                      config, device, args.warmup if round_ == 0 else 0)
-                r = Result(size, variant, name, batch_size / step_s, step_s, per_caption)
+                r = Result(size, variant, name, batch_size / step_s, step_s,
+                           shape.train_per_caption(round(text_len), captions_per_image(source_batches)))
                 if name == "encode/step":
                     n = on_the_fly.images
                     r.encoder_flop = enc_flop
@@ -160,14 +164,14 @@ def bench_size(size, args, device, tmp, log=print):
 
 
 def table(results):
-    lines = [f"{'size':<5} {'variant':<22} {'image tokens from':<12} {'captions/s':>11} "
+    lines = [f"{'size':<5} {'variant':<22} {'image tokens from':<19} {'captions/s':>11} "
              f"{'s/step':>8} {'vs encode/step':>15} {'JPEG ms/img':>12} {'encoder ms/img':>15}"]
     for r in results:
         base = next(x for x in results if x.size == r.size and x.variant == r.variant
                     and x.source == "encode/step")
         extra = (f"{r.decode_ms:>12.1f} {r.encode_ms:>15.1f}" if r.source == "encode/step"
                  else f"{'':>12} {'':>15}")
-        lines.append(f"{r.size:<5} {r.variant:<22} {r.source:<12} {fmt_rate(r.captions_per_s):>11} "
+        lines.append(f"{r.size:<5} {r.variant:<22} {r.source:<19} {fmt_rate(r.captions_per_s):>11} "
                      f"{r.step_s:>8.3f} {r.captions_per_s / base.captions_per_s:>14.1f}x {extra}")
     return "\n".join(lines)
 
@@ -177,7 +181,8 @@ def parser():
     p.add_argument("--sizes", nargs="+", default=["demo", "real"], choices=["demo", "real"])
     p.add_argument("--variants", nargs="+", default=["gated_cross:lora"],
                    help="BRIDGE:PEFT, e.g. gated_cross:lora prefix:none cross:adapter")
-    p.add_argument("--images", type=int, default=8, help="JPEG files written (and extracted)")
+    p.add_argument("--images", type=int, default=8,
+                   help="JPEG files written (and extracted); at least one batch's worth")
     p.add_argument("--batch-size", type=int, default=0, help="captions per step (0: demo 32, real 4)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per source")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per source, first round")

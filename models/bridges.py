@@ -47,9 +47,15 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd)
         self.gate = nn.Parameter(torch.zeros(1)) if gated else None
 
-    def forward(self, x, visual, layer_cache, capture=False):
+    def forward(self, x, visual, layer_cache, capture=False, image_index=None):
+        """image_index: [B] the row of `visual` each sequence reads (None: its own row), so that
+        an image read by several sequences (its captions in a training batch) has its keys and
+        values computed once; the gradient of those sums over the sequences."""
         if layer_cache.cross_k is None:  # the image's keys/values: once per image
-            k, v = self.kv(visual).split(self.n_embd, dim=2)
+            kv = self.kv(visual)
+            if image_index is not None:
+                kv = kv.index_select(0, image_index)
+            k, v = kv.split(self.n_embd, dim=2)
             layer_cache.cross_k = split_heads(k, self.n_head)
             layer_cache.cross_v = split_heads(v, self.n_head)
         q = split_heads(self.q(self.ln(x)), self.n_head)

@@ -63,11 +63,25 @@ def config_differences(a, b, prefix=""):
 class ImageContext:
     """What the decoder needs of a batch of images, computed once per image."""
     visual: torch.Tensor | None  # projected tokens for cross-attention
-    prefix_embeds: torch.Tensor | None  # [visual prefix | soft prompt] input embeddings
+    prefix_embeds: torch.Tensor | None  # [visual prefix | soft prompt] input embeddings, per sequence
+    image_index: torch.Tensor | None = None  # [B] the row of `visual` each sequence reads; None: its own
+
+    @property
+    def n_sequences(self):
+        for t in (self.image_index, self.prefix_embeds, self.visual):
+            if t is not None:
+                return t.size(0)
+        raise ValueError("an ImageContext without images")
+
+    def select(self, index):
+        """The context of sequences `index` (beam reordering, repeats)."""
+        pick = lambda t: None if t is None else t.index_select(0, index.to(t.device))
+        if self.image_index is not None:
+            return ImageContext(self.visual, pick(self.prefix_embeds), pick(self.image_index))
+        return ImageContext(pick(self.visual), pick(self.prefix_embeds))
 
     def repeat_interleave(self, n):
-        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)
-        return ImageContext(rep(self.visual), rep(self.prefix_embeds))
+        return self.select(torch.arange(self.n_sequences).repeat_interleave(n))
 
 
 class Captioner(nn.Module):
@@ -92,16 +106,20 @@ class Captioner(nn.Module):
         self.soft_prompt = None
         apply_peft(self, config.peft)
 
-    def context(self, visual_tokens):
-        """Project image tokens [B, V, D] for the chosen bridge."""
-        B = visual_tokens.size(0)
+    def context(self, visual_tokens, image_index=None):
+        """Project image tokens [N, V, D] for the chosen bridge, once per image. image_index: [B]
+        the image of each of B sequences (None: B = N, one sequence per image)."""
         projected = self.visual_proj(visual_tokens.to(self.visual_proj.net[0].weight.dtype))
-        prefix = [projected] if self.config.bridge.kind == "prefix" else []
+        B = len(projected) if image_index is None else len(image_index)
+        prefix = []
+        if self.config.bridge.kind == "prefix":
+            prefix.append(projected if image_index is None else projected.index_select(0, image_index))
         if self.soft_prompt is not None:
             prefix.append(self.soft_prompt(B).to(projected.dtype))
         return ImageContext(
             visual=None if self.config.bridge.kind == "prefix" else projected,
-            prefix_embeds=torch.cat(prefix, dim=1) if prefix else None)
+            prefix_embeds=torch.cat(prefix, dim=1) if prefix else None,
+            image_index=None if self.config.bridge.kind == "prefix" else image_index)
 
     def new_cache(self, batch_size):
         return self.decoder.new_cache(batch_size)
@@ -109,15 +127,18 @@ class Captioner(nn.Module):
     def forward(self, ctx, input_ids, cache=None, capture=False, logits_from=0):
         """Logits [B, T, V] of the text tokens, given an ImageContext (see `context`)."""
         return self.decoder(input_ids, cache=cache, prefix_embeds=ctx.prefix_embeds,
-                            visual=ctx.visual, capture=capture, logits_from=logits_from)
+                            visual=ctx.visual, capture=capture, logits_from=logits_from,
+                            image_index=ctx.image_index)
 
-    def loss(self, visual_tokens, input_ids, targets):
+    def loss(self, visual_tokens, input_ids, targets, image_index=None):
         """The course's loss: inputs [eot, t1..tN, eot, pad..], targets [t1..tN, eot, -100..].
+        visual_tokens [N, V, D]: the batch's images; image_index [B]: the image of each caption
+        (None: caption b has image b), so an image's captions share its projection and keys/values.
 
         Logits are taken at text positions only, which is the same as giving every visual
         prefix and soft-prompt position the target -100, without running lm_head on them.
         """
-        logits = self(self.context(visual_tokens), input_ids)
+        logits = self(self.context(visual_tokens, image_index), input_ids)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def visual_key_span(self):

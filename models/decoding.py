@@ -81,11 +81,6 @@ class Hypothesis:
 
 # --- steppers: newest token of every row -> logits of the next ---------------------------------
 
-def _select_context(ctx, index):
-    pick = lambda t: None if t is None else t.index_select(0, index)
-    return ImageContext(pick(ctx.visual), pick(ctx.prefix_embeds))
-
-
 def _image_attention(model, attentions):
     """Attention of each row's last query over the image tokens: [R, n_layers_with_it, nh, V].
 
@@ -114,8 +109,8 @@ class CachedStepper:
 
     def __init__(self, model, ctx, capture=False):
         self.model, self.ctx, self.capture = model, ctx, capture
-        self.cache = model.new_cache(_ctx_rows(ctx))
-        self.image_of_row = torch.arange(_ctx_rows(ctx))
+        self.cache = model.new_cache(ctx.n_sequences)
+        self.image_of_row = torch.arange(ctx.n_sequences)
 
     def __call__(self, new_ids):
         out = self.model(self.ctx, new_ids, cache=self.cache, capture=self.capture,
@@ -156,12 +151,7 @@ class NaiveStepper:
 
     def select(self, index):
         self.ids = self.ids.index_select(0, index)
-        self.ctx = _select_context(self.ctx, index)
-
-
-def _ctx_rows(ctx):
-    t = ctx.visual if ctx.visual is not None else ctx.prefix_embeds
-    return t.size(0)
+        self.ctx = self.ctx.select(index)
 
 
 # --- searches ---------------------------------------------------------------------------------

@@ -165,14 +165,14 @@ class Block(nn.Module):
         self.adapter_attn = None
         self.adapter_mlp = None
 
-    def forward(self, x, layer_cache, visual=None, capture=False):
+    def forward(self, x, layer_cache, visual=None, capture=False, image_index=None):
         h, self_att = self.attn(self.ln_1(x), layer_cache, capture)
         if self.adapter_attn is not None:
             h = self.adapter_attn(h)
         x = x + h
         cross_att = None
         if self.cross is not None:
-            h, cross_att = self.cross(x, visual, layer_cache, capture)
+            h, cross_att = self.cross(x, visual, layer_cache, capture, image_index)
             x = x + h
         h = self.mlp(self.ln_2(x))
         if self.adapter_mlp is not None:
@@ -207,13 +207,14 @@ class GPT2(nn.Module):
         return cache
 
     def forward(self, idx, cache=None, prefix_embeds=None, visual=None, capture=False,
-                logits_from=0):
+                logits_from=0, image_index=None):
         """Logits for the text tokens `idx` [B, T].
 
         prefix_embeds: [B, P, C] input embeddings placed before the text on the first call
             (visual prefix, soft prompt); they get no position embedding, so the text keeps
             the positions the language model was pretrained on.
         visual: what cross-attention bridges attend to (projected image tokens).
+        image_index: [B] the row of `visual` each sequence reads (None: row b for sequence b).
         logits_from: compute logits only for text positions >= this (saves the lm_head).
         Returns logits [B, T - logits_from, V] and, with capture, per-layer attention weights.
         """
@@ -231,7 +232,7 @@ class GPT2(nn.Module):
         cache.started = True
         attentions = []
         for block, layer_cache in zip(self.h, cache.layers):
-            x, att = block(x, layer_cache, visual, capture)
+            x, att = block(x, layer_cache, visual, capture, image_index)
             attentions.append(att)
         cache.text_len += T
         x = self.ln_f(x[:, n_prefix + logits_from:])

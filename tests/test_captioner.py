@@ -244,6 +244,34 @@ def test_loss_layout_and_no_shift_by_prefixes(course_sd, bridge, variant):
             assert (out[:, t] - logits[:, t]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("bridge,variant", [(b, v) for b in BRIDGES for v in ("lora", "prompt", "adapter")])
+def test_captions_sharing_an_image_equal_the_image_repeated(course_sd, bridge, variant):
+    """Training batches give each image once with the image of every caption (image_index): the
+    loss and every gradient are those of the batch with each caption's image tokens repeated."""
+    model = perturb(build(course_sd, bridge, variant)).double()
+    images, ids, targets = batch(B=5)
+    images = images[:3].double()
+    image_index = torch.tensor([2, 0, 2, 1, 2])
+
+    def loss_and_grads(*inputs):
+        model.zero_grad()
+        loss = model.loss(*inputs)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    shared, shared_grads = loss_and_grads(images, ids, targets, image_index)
+    repeated, repeated_grads = loss_and_grads(images[image_index], ids, targets)
+    torch.testing.assert_close(shared, repeated, atol=1e-12, rtol=0)
+    assert shared_grads.keys() == repeated_grads.keys()
+    for name in shared_grads:
+        torch.testing.assert_close(shared_grads[name], repeated_grads[name], atol=1e-12, rtol=0, msg=name)
+    with torch.no_grad():  # the context follows its sequences through select and repeats
+        ctx = model.context(images, image_index)
+        picked = torch.tensor([4, 1])
+        torch.testing.assert_close(model(ctx.select(picked), ids[picked]),
+                                   model(model.context(images[image_index[picked]]), ids[picked]))
+        assert ctx.repeat_interleave(2).n_sequences == 10
+
+
 @pytest.mark.parametrize("bridge,variant", [("cross", "lora"), ("prefix", "prefix"), ("gated_cross", "prompt")])
 def test_cached_decoding_equals_full_forward(course_sd, bridge, variant):
     model = perturb(build(course_sd, bridge, variant)).eval()

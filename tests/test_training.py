@@ -2,6 +2,7 @@
 masters) give exactly the autocast products and updates, a bf16 run (the GPU's path, here on
 the CPU) trains and checkpoints, the best epoch is what the checkpoint holds, compiled training
 trains the same model as eager training, and bad settings are refused by name."""
+import random
 import shutil
 
 import pytest
@@ -9,8 +10,9 @@ import torch
 
 from models.checkpoint import load_trainable
 from models.precision import StoredLinearWeights
-from models.training import (CaptionPairs, TrainConfig, evaluate, make_optimizer, on_device_if_fits,
-                             train, train_step, training_steps)
+from models.tokenizer import caption_batch
+from models.training import (CaptionPairs, TrainConfig, batch_loss, evaluate, make_optimizer,
+                             on_device_if_fits, train, train_step, training_steps)
 from tests.test_captioner import DECODER, EOT, batch, build, course_sd, perturb  # noqa: F401
 
 WORDS = ["a", "red", "blue", "circle", "square", "star", "on", "the", "left", "right"]
@@ -127,13 +129,19 @@ def test_bf16_stored_linear_weights_train_exactly_as_autocast(course_sd, variant
             assert torch.equal(trained[name], p), name
 
 
-def test_bf16_training_runs_and_keeps_the_best_epoch(course_sd, tmp_path):
-    """precision bf16 is what `auto` picks on a GPU; the CPU runs the same code path."""
+def test_bf16_training_runs_and_keeps_the_best_epoch(course_sd, tmp_path, monkeypatch):
+    """precision bf16 is what `auto` picks on a GPU; the CPU runs the same code path (here with an
+    image's captions batched together)."""
+    composed = []   # (shuffled, by image) of every CaptionPairs.batches call
+    batches = CaptionPairs.batches
+    monkeypatch.setattr(CaptionPairs, "batches", lambda self, size, shuffle, generator=None, by_image=False:
+                        composed.append((shuffle, by_image)) or batches(self, size, shuffle, generator, by_image))
     model = build(course_sd, "gated_cross", "lora")
     config = TrainConfig(epochs=3, batch_size=4, lr=0.01, warmup_steps=2, val_images=4,
-                         val_batch_size=4, precision="bf16")
+                         val_batch_size=4, precision="bf16", group_by_image=True)
     history, best = train(model, pairs(8, 0), pairs(4, 1), WordTokenizer(), config,
                           tmp_path / "ckpt.safetensors", torch.device("cpu"), log=lambda *_: None)
+    assert [by_image for shuffled, by_image in composed if shuffled] == [True] * 3   # every epoch
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert best["val_cider"] == max(r["val_cider"] for r in history)
@@ -177,6 +185,50 @@ def test_compiled_training_trains_the_same_model(course_sd, tmp_path):
                           tmp_path / "reduce-overhead.safetensors")
 
 
+@pytest.mark.parametrize("by_image", [False, True])
+def test_an_epoch_gives_every_caption_once(by_image):
+    data = pairs(8, seed=0)   # 2 captions per image, listed image by image
+    batches = list(data.batches(3, True, random.Random(4), by_image))
+    assert [len(b) for b in batches] == [3, 3, 3, 3, 3, 1]
+    order = [data.pairs.index(p) for b in batches for p in b]
+    assert sorted(order) == list(range(16))
+    expected = list(range(16))
+    if by_image:   # the images shuffled, each one's captions kept together in their listed order
+        images = list(range(8))
+        random.Random(4).shuffle(images)
+        expected = [2 * i + k for i in images for k in (0, 1)]
+    else:
+        random.Random(4).shuffle(expected)
+    assert order == expected
+    assert [data.pairs.index(p) for b in data.batches(3, False) for p in b] == list(range(16))
+
+
+class RowsRead:
+    """`self[rows]`: the image tokens, with the rows every read asked for."""
+
+    def __init__(self, tokens):
+        self.tokens, self.reads = tokens, []
+
+    def __getitem__(self, rows):
+        self.reads.append(rows.tolist())
+        return self.tokens[rows]
+
+
+def test_a_batch_reads_each_image_once_for_all_its_captions(course_sd):
+    data = pairs(4, seed=1)
+    model = perturb(build(course_sd, "gated_cross", "adapter"))
+    captions = [data.pairs[j] for j in (3, 0, 2, 1, 7)]   # images 1, 0, 1, 0, 3
+    tokens = RowsRead(data.tokens)
+    config = TrainConfig()
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        shared = batch_loss(model, captions, tokens, WordTokenizer(), config, cpu)
+        assert tokens.reads == [[1, 0, 3]]
+        input_ids, targets, _ = caption_batch([t for _, t in captions], EOT, config.max_caption_tokens)
+        repeated = model.loss(data.tokens[[i for i, _ in captions]], input_ids, targets)
+    torch.testing.assert_close(shared, repeated, rtol=1e-6, atol=0)
+
+
 def test_features_stay_on_the_host_without_a_gpu():
     tokens = torch.zeros(3, 2, 4)
     assert on_device_if_fits(tokens, torch.device("cpu")) is tokens
@@ -185,7 +237,8 @@ def test_features_stay_on_the_host_without_a_gpu():
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("max_caption_tokens", 1),
                                           ("precision", "fp16"), ("val_images", -1), ("grad_clip", -1.0),
                                           ("lr", -1e-3), ("warmup_steps", -1), ("compile", "fast"),
-                                          ("compile", False)])   # YAML reads a bare off as False
+                                          ("compile", False),    # YAML reads a bare off as False
+                                          ("group_by_image", "yes")])
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=rf"train\.{field}="):
         TrainConfig(**{field: value})
