@@ -12,7 +12,10 @@ All three settings take `models.training.training_steps`, the step `train()` tak
 bf16 autocast and bf16-stored frozen weights on a GPU, image tokens on the GPU), on a random fp16
 image-token table of the size's shape and random captions of 8-20 tokens, so that the batches have
 several widths, as an epoch's do. Each setting starts from the same weights and runs the same
-batches: a first pass, then `--rounds` timed passes (best kept). Sizes: the demo world's, the real
+batches: a first pass, then `--rounds` timed passes (best kept). Eager and compiled training then
+go on, in the same run, over batches of each image's 5 captions (", by image":
+`train.group_by_image`); their first pass shows what new shapes cost a compiled loss (no new
+graph; with CUDA graphs, a recording per new shape). Sizes: the demo world's, the real
 one (ViT-L/14 tokens, GPT-2 small), and "overhead": GPT-2 small's operators with next to no
 arithmetic, where a step costs what the framework spends per operator. Inductor's compiled code
 goes to a new temp folder (unless TORCHINDUCTOR_CACHE_DIR is set), so the first pass includes a
@@ -61,19 +64,23 @@ def label(mode):
     return {"none": "eager", "padded": padded}.get(mode, f"compiled, {mode}")
 
 
-def run_setting(model, tokens, batches, tok, config, device, rounds):
-    """(seconds of the first pass, best seconds of a later pass, the first pass's losses)."""
+def run_setting(model, tokens, compositions, tok, config, device, rounds):
+    """{composition: (seconds of the first pass, best seconds of a later pass, the first pass's
+    losses)} for each {composition: batches}, one after another in one training run."""
     peak_reset(device)
+    out = {}
     with training_steps(model, tokens, tok, config, device) as step:
-        with Stopwatch(device) as first:
-            losses = [step(b, config.lr).item() for b in batches]
-        best = float("inf")
-        for _ in range(rounds):
-            with Stopwatch(device) as sw:
-                for b in batches:
-                    step(b, config.lr).item()
-            best = min(best, sw.seconds)
-    return first.seconds, best, losses
+        for name, batches in compositions.items():
+            with Stopwatch(device) as first:
+                losses = [step(b, config.lr).item() for b in batches]
+            best = float("inf")
+            for _ in range(rounds):
+                with Stopwatch(device) as sw:
+                    for b in batches:
+                        step(b, config.lr).item()
+                best = min(best, sw.seconds)
+            out[name] = (first.seconds, best, losses)
+    return out
 
 
 def bench_size(size, args, device, log=print):
@@ -85,7 +92,11 @@ def bench_size(size, args, device, log=print):
     batch_size = args.batch_size or {"demo": 32, "real": 4, "overhead": 4}[size]
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(args.images, n_tokens, width, generator=g).half()
-    batches = caption_batches(args.images, args.steps, batch_size, vocab)
+    # Distinct images per batch, and (train.group_by_image) each image's 5 captions together,
+    # which a compiled loss runs with the same graph.
+    compositions = {"": caption_batches(args.images, args.steps, batch_size, vocab),
+                    ", by image": caption_batches(args.images, args.steps, batch_size, vocab, True)}
+    batches = compositions[""]
     log(f"{size}: decoder {source}; image tokens {n_tokens} x {width}; {len(batches)} batches of "
         f"{batch_size}")
     rows_out = []
@@ -95,28 +106,33 @@ def bench_size(size, args, device, log=print):
             model = build_variant(decoder, variant, width, n_tokens)
             config = PaddedEager(batch_size=batch_size) if mode == "padded" else \
                 TrainConfig(batch_size=batch_size, compile=mode)
-            first, steady, losses = run_setting(model, tokens, batches, tok, config, device,
-                                                args.rounds)
-            measured[mode] = (first, steady, losses, peak_gib(device))
+            runs = run_setting(model, tokens, compositions if mode != "padded" else {"": batches},
+                               tok, config, device, args.rounds)
+            mem = peak_gib(device)
+            for composition, (first, steady, losses) in runs.items():
+                measured[mode, composition] = (first, steady, losses, mem)
+                log(f"  {size} {variant} {label(mode)}{composition}: first pass {first:.1f} s, "
+                    f"then {batch_size * len(batches) / steady:.1f} captions/s")
             del model
             sync(device)
-            log(f"  {size} {variant} {label(mode)}: first pass {first:.1f} s, then "
-                f"{batch_size * len(batches) / steady:.1f} captions/s")
-        eager = measured["none"]
-        results = [dict(size=size, variant=variant, setting=label(mode), first_s=first,
-                        rate=batch_size * len(batches) / steady, speedup=eager[1] / steady, mem=mem,
-                        loss_diff=max(abs(a - b) / abs(a) for a, b in zip(eager[2], losses)))
-                   for mode, (first, steady, losses, mem) in measured.items()]
+        # Speed against eager on distinct images; losses against eager on the same batches.
+        eager = measured["none", ""]
+        results = [dict(size=size, variant=variant, setting=label(mode) + composition,
+                        first_s=first, rate=batch_size * len(batches) / steady,
+                        speedup=eager[1] / steady, mem=mem,
+                        loss_diff=max(abs(a - b) / abs(a)
+                                      for a, b in zip(measured["none", composition][2], losses)))
+                   for (mode, composition), (first, steady, losses, mem) in measured.items()]
         log(table(results))   # now, in case a time limit stops the run before the end
         rows_out += results
     return rows_out
 
 
 def table(rows):
-    lines = [f"{'size':<8} {'variant':<22} {'setting':<30} {'first pass s':>12} "
+    lines = [f"{'size':<8} {'variant':<22} {'setting':<40} {'first pass s':>12} "
              f"{'captions/s':>11} {'vs eager':>9} {'peak GiB':>9} {'max loss rel. diff':>19}"]
     for r in rows:
-        lines.append(f"{r['size']:<8} {r['variant']:<22} {r['setting']:<30} {r['first_s']:>12.1f} "
+        lines.append(f"{r['size']:<8} {r['variant']:<22} {r['setting']:<40} {r['first_s']:>12.1f} "
                      f"{fmt_rate(r['rate']):>11} {r['speedup']:>8.2f}x {r['mem']:>9.1f} "
                      f"{r['loss_diff']:>19.1e}")
     return "\n".join(lines)
