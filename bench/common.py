@@ -240,6 +240,22 @@ def caption_batches(n_images, n_batches, batch_size, vocab_size, by_image=False,
     return [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
 
 
+BATCHES = ("random", "by image")   # how an epoch composes its batches (train.group_by_image)
+
+
+def add_batches_arg(p):
+    p.add_argument("--batches", nargs="+", choices=BATCHES, default=["random"],
+                   help="training batches: 'random' (an epoch's captions in random order: the "
+                        "images of a batch distinct) and/or 'by image' (each image's 5 captions "
+                        "together: train.group_by_image)")
+
+
+def batches_by_kind(kinds, n_images, n_batches, batch_size, vocab_size):
+    """{kind: caption_batches(...)} for each kind of BATCHES in `kinds`, the same captions in each."""
+    return {kind: caption_batches(n_images, n_batches, batch_size, vocab_size, kind == "by image")
+            for kind in kinds}
+
+
 def captions_per_image(batches):
     """Captions per distinct image of a batch, over `batches` (what a batch computes once)."""
     return sum(map(len, batches)) / sum(len({row for row, _ in b}) for b in batches)

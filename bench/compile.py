@@ -7,15 +7,17 @@ setting, eager at the compiled run's padded caption widths, tells what the paddi
     python -m bench.compile --device cuda --sizes real --batch-size 64 --steps 30 \\
         --variants gated_cross:lora gated_cross:adapter gated_cross:prefix gated_cross:prompt \\
                    gated_cross:adaption prefix:lora     # mode "reduce-overhead" (CUDA graphs)
+    python -m bench.compile --sizes overhead --batch-size 12 --batches random "by image"
 
 All three settings take `models.training.training_steps`, the step `train()` takes (fused AdamW,
 bf16 autocast and bf16-stored frozen weights on a GPU, image tokens on the GPU), on a random fp16
 image-token table of the size's shape and random captions of 8-20 tokens, so that the batches have
 several widths, as an epoch's do. Each setting starts from the same weights and runs the same
-batches: a first pass, then `--rounds` timed passes (best kept). Eager and compiled training then
-go on, in the same run, over batches of each image's 5 captions (", by image":
-`train.group_by_image`); their first pass shows what new shapes cost a compiled loss (no new
-graph; with CUDA graphs, a recording per new shape). Sizes: the demo world's, the real
+batches: a first pass, then `--rounds` timed passes (best kept); each setting runs on every kind
+of `--batches` (bench.common.BATCHES; "by image": each image's 5 captions together, with
+`train.group_by_image`, so that a compiled loss takes an image_index in every batch). Batches of 5
+captions or fewer often hold a single image, and torch.compile compiles once more for that size-1
+image dimension: use larger ones to see the steady state. Sizes: the demo world's, the real
 one (ViT-L/14 tokens, GPT-2 small), and "overhead": GPT-2 small's operators with next to no
 arithmetic, where a step costs what the framework spends per operator. Inductor's compiled code
 goes to a new temp folder (unless TORCHINDUCTOR_CACHE_DIR is set), so the first pass includes a
@@ -29,8 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import (Stopwatch, add_device_args, build_variant, caption_batches, demo_decoder,
-                          fmt_rate, peak_gib, peak_reset, real_decoder, sync, use_device)
+from bench.common import (Stopwatch, add_batches_arg, add_device_args, batches_by_kind,
+                          build_variant, demo_decoder, fmt_rate, peak_gib, peak_reset, real_decoder,
+                          sync, use_device)
 from bench.train import IdTokenizer
 from models.gpt2 import GPT2, GPT2Config
 from models.training import COMPILE_MODES, COMPILE_WIDTH_STEP, TrainConfig, training_steps
@@ -64,23 +67,19 @@ def label(mode):
     return {"none": "eager", "padded": padded}.get(mode, f"compiled, {mode}")
 
 
-def run_setting(model, tokens, compositions, tok, config, device, rounds):
-    """{composition: (seconds of the first pass, best seconds of a later pass, the first pass's
-    losses)} for each {composition: batches}, one after another in one training run."""
+def run_setting(model, tokens, batches, tok, config, device, rounds):
+    """(seconds of the first pass, best seconds of a later pass, the first pass's losses)."""
     peak_reset(device)
-    out = {}
     with training_steps(model, tokens, tok, config, device) as step:
-        for name, batches in compositions.items():
-            with Stopwatch(device) as first:
-                losses = [step(b, config.lr).item() for b in batches]
-            best = float("inf")
-            for _ in range(rounds):
-                with Stopwatch(device) as sw:
-                    for b in batches:
-                        step(b, config.lr).item()
-                best = min(best, sw.seconds)
-            out[name] = (first.seconds, best, losses)
-    return out
+        with Stopwatch(device) as first:
+            losses = [step(b, config.lr).item() for b in batches]
+        best = float("inf")
+        for _ in range(rounds):
+            with Stopwatch(device) as sw:
+                for b in batches:
+                    step(b, config.lr).item()
+            best = min(best, sw.seconds)
+    return first.seconds, best, losses
 
 
 def bench_size(size, args, device, log=print):
@@ -92,47 +91,42 @@ def bench_size(size, args, device, log=print):
     batch_size = args.batch_size or {"demo": 32, "real": 4, "overhead": 4}[size]
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(args.images, n_tokens, width, generator=g).half()
-    # Distinct images per batch, and (train.group_by_image) each image's 5 captions together,
-    # which a compiled loss runs with the same graph.
-    compositions = {"": caption_batches(args.images, args.steps, batch_size, vocab),
-                    ", by image": caption_batches(args.images, args.steps, batch_size, vocab, True)}
-    batches = compositions[""]
-    log(f"{size}: decoder {source}; image tokens {n_tokens} x {width}; {len(batches)} batches of "
+    composed = batches_by_kind(args.batches, args.images, args.steps, batch_size, vocab)
+    log(f"{size}: decoder {source}; image tokens {n_tokens} x {width}; {args.steps} batches of "
         f"{batch_size}")
     rows_out = []
     for variant in args.variants:
         measured = {}
-        for mode in ("none", "padded", args.mode):
-            model = build_variant(decoder, variant, width, n_tokens)
-            config = PaddedEager(batch_size=batch_size) if mode == "padded" else \
-                TrainConfig(batch_size=batch_size, compile=mode)
-            runs = run_setting(model, tokens, compositions if mode != "padded" else {"": batches},
-                               tok, config, device, args.rounds)
-            mem = peak_gib(device)
-            for composition, (first, steady, losses) in runs.items():
-                measured[mode, composition] = (first, steady, losses, mem)
-                log(f"  {size} {variant} {label(mode)}{composition}: first pass {first:.1f} s, "
+        for kind, batches in composed.items():
+            for mode in ("none", "padded", args.mode):
+                model = build_variant(decoder, variant, width, n_tokens)
+                settings = dict(batch_size=batch_size, group_by_image=kind == "by image")
+                config = PaddedEager(**settings) if mode == "padded" else \
+                    TrainConfig(compile=mode, **settings)
+                first, steady, losses = run_setting(model, tokens, batches, tok, config, device,
+                                                    args.rounds)
+                measured[mode, kind] = (first, steady, losses, peak_gib(device))
+                log(f"  {size} {variant} {label(mode)}, {kind} batches: first pass {first:.1f} s, "
                     f"then {batch_size * len(batches) / steady:.1f} captions/s")
-            del model
-            sync(device)
-        # Speed against eager on distinct images; losses against eager on the same batches.
-        eager = measured["none", ""]
-        results = [dict(size=size, variant=variant, setting=label(mode) + composition,
-                        first_s=first, rate=batch_size * len(batches) / steady,
-                        speedup=eager[1] / steady, mem=mem,
+                del model
+                sync(device)
+        # Speed and losses against eager on the same batches.
+        results = [dict(size=size, variant=variant, setting=f"{label(mode)}, {kind} batches",
+                        first_s=first, rate=batch_size * args.steps / steady,
+                        speedup=measured["none", kind][1] / steady, mem=mem,
                         loss_diff=max(abs(a - b) / abs(a)
-                                      for a, b in zip(measured["none", composition][2], losses)))
-                   for (mode, composition), (first, steady, losses, mem) in measured.items()]
+                                      for a, b in zip(measured["none", kind][2], losses)))
+                   for (mode, kind), (first, steady, losses, mem) in measured.items()]
         log(table(results))   # now, in case a time limit stops the run before the end
         rows_out += results
     return rows_out
 
 
 def table(rows):
-    lines = [f"{'size':<8} {'variant':<22} {'setting':<40} {'first pass s':>12} "
+    lines = [f"{'size':<8} {'variant':<22} {'setting':<48} {'first pass s':>12} "
              f"{'captions/s':>11} {'vs eager':>9} {'peak GiB':>9} {'max loss rel. diff':>19}"]
     for r in rows:
-        lines.append(f"{r['size']:<8} {r['variant']:<22} {r['setting']:<40} {r['first_s']:>12.1f} "
+        lines.append(f"{r['size']:<8} {r['variant']:<22} {r['setting']:<48} {r['first_s']:>12.1f} "
                      f"{fmt_rate(r['rate']):>11} {r['speedup']:>8.2f}x {r['mem']:>9.1f} "
                      f"{r['loss_diff']:>19.1e}")
     return "\n".join(lines)
@@ -150,6 +144,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6, help="batches per pass")
     p.add_argument("--rounds", type=int, default=2, help="timed passes after the first; best kept")
     p.add_argument("--images", type=int, default=64, help="rows of the random image-token table")
+    add_batches_arg(p)
     add_device_args(p)
     args = p.parse_args(argv)
     device = use_device(args)

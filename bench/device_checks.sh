@@ -42,15 +42,16 @@ step() {   # step NAME SECONDS COMMAND...: output to NAME.txt (and NAME/ where i
 }
 
 VARIANTS="gated_cross:adapter gated_cross:lora gated_cross:prefix gated_cross:prompt gated_cross:adaption prefix:lora"
-# 1. Does train.compile (CUDA graphs) bring adapter's epoch (68 s) under 60 s?
+# 1. Does train.compile (CUDA graphs) bring adapter's epoch (68 s) under 60 s, with the captions
+#    in random order and with each image's captions batched together (train.group_by_image)?
 step compile 250 python3 -m bench.compile --device cuda --threads 8 --sizes real --batch-size 64 \
-  --steps 30 --variants gated_cross:adapter gated_cross:lora
+  --steps 30 --variants gated_cross:adapter --batches random "by image"
 # 2. Every variant as train() runs it now (low-rank LoRA, is_causal, training_steps, trainable
 #    Linear weights stored bf16 with fp32 masters) and, side by side, with its trainable Linear
 #    weights cast by autocast (as measured on 2026-11-23), and with each image's captions batched
 #    together (train.group_by_image); adapter profiled.
 step train 180 python3 -m bench.gpu --out "$RESULTS/train" --images 256 --skip encoder extract beam e2e \
-  --train-settings "frozen stored" "as is" "as is, by image" --variants $VARIANTS
+  --train-settings "frozen stored" "as is" --batches random "by image" --variants $VARIANTS
 # 3. Adapter at batch 128: half the launches per caption.
 step batch128 60 python3 -m bench.gpu --out "$RESULTS/batch128" --images 256 \
   --skip encoder extract beam e2e profile --variants gated_cross:adapter --train-batch 128

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from bench import flops
-from bench.common import (Stopwatch, build_variant, caption_batches, captions_per_image, fmt_rate,
-                          peak_gib, peak_reset, real_decoder, real_encoder, synthetic_tokenizer,
-                          write_jpegs)
+from bench.common import (Stopwatch, add_batches_arg, batches_by_kind, build_variant,
+                          captions_per_image, fmt_rate, peak_gib, peak_reset, real_decoder,
+                          real_encoder, synthetic_tokenizer, write_jpegs)
 from bench.train import IdTokenizer
 from models.caption_folder import caption_folder
 from models.decoding import DecodeConfig, generate
@@ -105,8 +105,6 @@ TRAIN_SETTINGS = {
                      "autocast at every use, features on the GPU (2026-11-23 to 11-26)",
     "as is": "as models.training.train runs it (fused AdamW, Linear weights stored bf16 with fp32 "
              "masters for the trainable ones, features on the GPU)",
-    "as is, by image": "as is, each image's 5 captions batched together (train.group_by_image: "
-                       "its cross-attention keys/values computed once for them)",
 }
 
 
@@ -114,7 +112,7 @@ def steps_as(setting, model, tokens, tok, config, device):
     """Inside: step(batch, lr), one training step as `setting` takes it."""
     if setting != "before":
         return training_steps(model, tokens, tok, config, device,
-                              store_trainable=setting != "frozen stored")
+                              store_trainable=setting == "as is")
     model.to(device).train()
     optimizer, params = make_optimizer(model, config, fused=False)
     return contextlib.nullcontext(lambda b, lr: train_step(model, optimizer, params, b, tokens, tok,
@@ -122,24 +120,25 @@ def steps_as(setting, model, tokens, tok, config, device):
 
 
 def bench_training(features, decoder, variants, device, report, batch, steps, warmup,
-                   profile_dir=None, settings=("as is",), rounds=1):
+                   profile_dir=None, settings=("as is",), rounds=1, kinds=("random",)):
+    """Every setting x kind of batches (bench.common.BATCHES) for every variant."""
     tokens = FeatureFile(features, in_memory=True).read_rows(range(len(FeatureFile(features))))
     vocab = decoder.config.vocab_size
     tok = IdTokenizer()
     tok.eot_id = vocab - 1
-    # The same captions in both compositions: distinct images per batch, or by image.
-    composed = {by_image: caption_batches(len(tokens), steps + warmup, batch, vocab, by_image)
-                for by_image in (False, True)}
-    text_len = round(sum(max(len(c) for _, c in b) + 2 for b in composed[False]) / len(composed[False]))
-    config = TrainConfig(batch_size=batch)
+    composed = batches_by_kind(kinds, len(tokens), steps + warmup, batch, vocab)
+    first = next(iter(composed.values()))   # the same captions in every composition
+    text_len = round(sum(max(len(c) for _, c in b) + 2 for b in first) / len(first))
+    runs = [(setting, kind) for setting in settings for kind in kinds]
     for variant in variants:
         best, per_caption = {}, {}
-        for _ in range(rounds):   # settings interleaved, the best round of each kept
-            for setting in settings:
-                batches = composed[setting.endswith("by image")]
+        for _ in range(rounds):   # runs interleaved, the best round of each kept
+            for setting, kind in runs:
+                batches = composed[kind]
+                config = TrainConfig(batch_size=batch, group_by_image=kind == "by image")
                 model = build_variant(decoder, variant, tokens.shape[2], tokens.shape[1])
                 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                per_caption[setting] = flops.CaptionerShape.of(model).train_per_caption(
+                per_caption[setting, kind] = flops.CaptionerShape.of(model).train_per_caption(
                     text_len, captions_per_image(batches))
                 peak_reset(device)
                 with steps_as(setting, model, tokens, tok, config, device) as step:
@@ -148,19 +147,20 @@ def bench_training(features, decoder, variants, device, report, batch, steps, wa
                     with Stopwatch(device) as sw:
                         for b in batches[warmup:]:
                             step(b, config.lr).item()
-                    if setting not in best or sw.seconds < best[setting][0]:
-                        best[setting] = (sw.seconds, peak_gib(device))
+                    if (setting, kind) not in best or sw.seconds < best[setting, kind][0]:
+                        best[setting, kind] = (sw.seconds, peak_gib(device))
                     if profile_dir is not None and variant == variants[0]:
-                        name = re.sub(r"[^\w.-]+", "_", setting)   # names the device tool returns
+                        # a name the device tool brings back: no spaces or commas
+                        name = re.sub(r"[^\w.-]+", "_", f"{setting}_{kind}")
                         profile_training(step, batches[:6], config, device,
                                          profile_dir / f"profile_train_{name}.txt")
                 del model, step
-        for setting in settings:
-            seconds, mem = best[setting]
+        for setting, kind in runs:
+            seconds, mem = best[setting, kind]
             rate = batch * steps / seconds
             report.add(f"training {variant} ({trainable / 1e6:.1f}M trainable), cached features",
-                       f"{TRAIN_SETTINGS[setting]}, autocast bf16, batch {batch}", "caption", rate,
-                       per_caption[setting], mem,
+                       f"{TRAIN_SETTINGS[setting]}, {kind} batches, autocast bf16, batch {batch}",
+                       "caption", rate, per_caption[setting, kind], mem,
                        f"epoch of {TRAIN_CAPTIONS} captions: {TRAIN_CAPTIONS / rate:.0f} s")
         profile_dir = None
 
@@ -243,6 +243,7 @@ def main(argv=None):
     p.add_argument("--train-settings", nargs="+", choices=list(TRAIN_SETTINGS), default=None,
                    help="training: the settings to compare (default: as is; --tuned: before, as is)")
     p.add_argument("--rounds", type=int, default=1, help="training: rounds over settings, best kept")
+    add_batches_arg(p)
     p.add_argument("--skip", nargs="*", default=[],
                    choices=["encoder", "extract", "train", "profile", "beam", "e2e"],
                    help="parts to leave out (extraction with autocast fp16 always runs)")
@@ -283,7 +284,7 @@ def main(argv=None):
                 ("before", "as is") if args.tuned and device.type == "cuda" else ("as is",))
             bench_training(features, decoder, args.variants, device, report, args.train_batch,
                            args.train_steps, 3, out if "profile" not in args.skip else None,
-                           settings, args.rounds)
+                           settings, args.rounds, args.batches)
         if "beam" not in args.skip:
             bench_beam(features, decoder, device, report, min(args.decode_batch, n),
                        args.decode_tokens, args.beam, args.tuned)

@@ -5,19 +5,19 @@ JPEG and run the frozen encoder at every step), at the demo size and the real si
     python -m bench.train                                   # ~3-4 minutes on 2 CPU cores
     python -m bench.train --sizes real --device cuda --batch-size 64 --steps 20 \\
         --variants gated_cross:lora gated_cross:adapter gated_cross:prefix
+    python -m bench.train --sizes real --batches random "by image"   # train.group_by_image
 
 Flow per size: a handful of real JPEG files are written to a temp folder; the extract stage's
 code (`models.features.write_features`) encodes them into an HDF5 feature file; then every
 variant trains with `models.training.train_step` (the pipeline's own step: AdamW, clipping,
 autocast bf16 on GPU) fed from three sources of image tokens:
   h5 in RAM     the whole file read into memory once (what stages/train.py does)
-  h5 in RAM, by image
-                the same, each image's 5 captions batched together (train.group_by_image), so
-                that the step computes its cross-attention keys/values once for them
   h5 rows       rows read from the HDF5 file every step (FeatureFile.read_rows)
-  encode/step   each caption's JPEG decoded and run through the frozen encoder every step
-Batches are (image, caption) pairs, the images of a batch distinct as in an epoch over captions in
-random order, or, for "by image", 5 captions per image (bench.common.caption_batches).
+  encode/step   each image's JPEG decoded and run through the frozen encoder every step
+Batches are (image, caption) pairs (bench.common.caption_batches), composed as `--batches` says:
+"random", the images of a batch distinct as in an epoch over captions in random order, and/or
+"by image", each image's 5 captions together (train.group_by_image), so that a step reads each
+image and computes its keys/values once for them.
 """
 import argparse
 import tempfile
@@ -28,14 +28,15 @@ from pathlib import Path
 import torch
 
 from bench import flops
-from bench.common import (COURSE_IMAGE, DEMO_IMAGE, Stopwatch, add_device_args, build_variant,
-                          caption_batches, captions_per_image, demo_decoder, demo_encoder, fmt_rate,
-                          real_decoder, real_encoder, sync, use_device, write_jpegs)
+from bench.common import (COURSE_IMAGE, DEMO_IMAGE, Stopwatch, add_batches_arg, add_device_args,
+                          batches_by_kind, build_variant, captions_per_image, demo_decoder,
+                          demo_encoder, fmt_rate, real_decoder, real_encoder, sync, use_device,
+                          write_jpegs)
 from models.features import FeatureFile, write_features
 from models.imageio import load_rgb
 from models.training import TrainConfig, make_optimizer, train_step
 
-SOURCES = ("h5 in RAM", "h5 in RAM, by image", "h5 rows", "encode/step")
+SOURCES = ("h5 in RAM", "h5 rows", "encode/step")
 
 
 class H5Rows:
@@ -78,6 +79,7 @@ class Result:
     size: str
     variant: str
     source: str
+    batches: str
     captions_per_s: float
     step_s: float
     train_flop: float = 0.0        # per caption, analytic
@@ -122,14 +124,14 @@ def bench_size(size, args, device, tmp, log=print):
     decoder, source = demo_decoder() if size == "demo" else real_decoder()
     log(f"{size}: decoder {source}")
     vocab, eot = decoder.config.vocab_size, decoder.config.vocab_size - 1
-    batches = caption_batches(len(paths), args.steps, batch_size, vocab)
-    by_image = caption_batches(len(paths), args.steps, batch_size, vocab, by_image=True)
-    text_len = sum(max(len(c) for _, c in b) + 2 for b in batches) / len(batches)
+    composed = batches_by_kind(args.batches, len(paths), args.steps, batch_size, vocab)
+    first = next(iter(composed.values()))   # the same captions in every composition
+    text_len = sum(max(len(c) for _, c in b) + 2 for b in first) / len(first)
 
     in_ram = FeatureFile(features.path, in_memory=True).read_rows(range(len(features)))
     on_the_fly = EncodeEveryStep(paths, encoder, device)
-    sources = {"h5 in RAM": (in_ram, batches), "h5 in RAM, by image": (in_ram, by_image),
-               "h5 rows": (H5Rows(features), batches), "encode/step": (on_the_fly, batches)}
+    sources = {"h5 in RAM": in_ram, "h5 rows": H5Rows(features), "encode/step": on_the_fly}
+    runs = [(name, kind) for name in SOURCES for kind in args.batches]
     enc_flop = flops.encoder_forward(encoder)
     config = TrainConfig(batch_size=batch_size)
     results = []
@@ -138,25 +140,24 @@ def bench_size(size, args, device, tmp, log=print):
         optimizer, params = make_optimizer(model, config)
         shape = flops.CaptionerShape.of(model)
         best = {}
-        for round_ in range(args.rounds):   # sources interleaved; the best round of each kept
-            for name in SOURCES:
+        for round_ in range(args.rounds):   # runs interleaved; the best round of each kept
+            for name, kind in runs:
                 on_the_fly.decode.seconds = on_the_fly.encode.seconds = on_the_fly.images = 0
-                tokens, source_batches = sources[name]
-                step_s = time_source(model, optimizer, params, tokens, source_batches, eot,
+                step_s = time_source(model, optimizer, params, sources[name], composed[kind], eot,
                                      config, device, args.warmup if round_ == 0 else 0)
-                r = Result(size, variant, name, batch_size / step_s, step_s,
-                           shape.train_per_caption(round(text_len), captions_per_image(source_batches)))
+                r = Result(size, variant, name, kind, batch_size / step_s, step_s,
+                           shape.train_per_caption(round(text_len), captions_per_image(composed[kind])))
                 if name == "encode/step":
                     n = on_the_fly.images
                     r.encoder_flop = enc_flop
                     r.decode_ms = 1000 * on_the_fly.decode.seconds / n
                     r.encode_ms = 1000 * on_the_fly.encode.seconds / n
-                if name not in best or r.step_s < best[name].step_s:
-                    best[name] = r
-        for name in SOURCES:
-            r = best[name]
+                if (name, kind) not in best or r.step_s < best[name, kind].step_s:
+                    best[name, kind] = r
+        for name, kind in runs:
+            r = best[name, kind]
             results.append(r)
-            log(f"  {size} {variant} {name}: {r.captions_per_s:.2f} captions/s "
+            log(f"  {size} {variant} {name}, {kind} batches: {r.captions_per_s:.2f} captions/s "
                 f"({r.step_s:.3f} s/step of {batch_size})")
         del model, optimizer
     features.close()
@@ -164,14 +165,16 @@ def bench_size(size, args, device, tmp, log=print):
 
 
 def table(results):
-    lines = [f"{'size':<5} {'variant':<22} {'image tokens from':<19} {'captions/s':>11} "
-             f"{'s/step':>8} {'vs encode/step':>15} {'JPEG ms/img':>12} {'encoder ms/img':>15}"]
-    for r in results:
+    lines = [f"{'size':<5} {'variant':<22} {'image tokens from':<17} {'batches':<8} "
+             f"{'captions/s':>11} {'s/step':>8} {'vs encode/step':>15} {'JPEG ms/img':>12} "
+             f"{'encoder ms/img':>15}"]
+    for r in results:   # against the students' way on the same batches
         base = next(x for x in results if x.size == r.size and x.variant == r.variant
-                    and x.source == "encode/step")
+                    and x.batches == r.batches and x.source == "encode/step")
         extra = (f"{r.decode_ms:>12.1f} {r.encode_ms:>15.1f}" if r.source == "encode/step"
                  else f"{'':>12} {'':>15}")
-        lines.append(f"{r.size:<5} {r.variant:<22} {r.source:<19} {fmt_rate(r.captions_per_s):>11} "
+        lines.append(f"{r.size:<5} {r.variant:<22} {r.source:<17} {r.batches:<8} "
+                     f"{fmt_rate(r.captions_per_s):>11} "
                      f"{r.step_s:>8.3f} {r.captions_per_s / base.captions_per_s:>14.1f}x {extra}")
     return "\n".join(lines)
 
@@ -187,6 +190,7 @@ def parser():
     p.add_argument("--steps", type=int, default=3, help="timed steps per source")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per source, first round")
     p.add_argument("--rounds", type=int, default=2, help="rounds over the sources; best kept")
+    add_batches_arg(p)
     add_device_args(p)
     return p
 

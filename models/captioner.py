@@ -80,9 +80,6 @@ class ImageContext:
             return ImageContext(self.visual, pick(self.prefix_embeds), pick(self.image_index))
         return ImageContext(pick(self.visual), pick(self.prefix_embeds))
 
-    def repeat_interleave(self, n):
-        return self.select(torch.arange(self.n_sequences).repeat_interleave(n))
-
 
 class Captioner(nn.Module):
     def __init__(self, config, decoder):
@@ -109,6 +106,9 @@ class Captioner(nn.Module):
     def context(self, visual_tokens, image_index=None):
         """Project image tokens [N, V, D] for the chosen bridge, once per image. image_index: [B]
         the image of each of B sequences (None: B = N, one sequence per image)."""
+        if image_index is not None and (image_index.dim() != 1 or image_index.is_floating_point()):
+            raise ValueError(f"image_index: expected a 1-D tensor of image rows, got "
+                             f"{image_index.dtype} of shape {tuple(image_index.shape)}")
         projected = self.visual_proj(visual_tokens.to(self.visual_proj.net[0].weight.dtype))
         B = len(projected) if image_index is None else len(image_index)
         prefix = []
@@ -138,6 +138,11 @@ class Captioner(nn.Module):
         Logits are taken at text positions only, which is the same as giving every visual
         prefix and soft-prompt position the target -100, without running lm_head on them.
         """
+        n_sequences = len(visual_tokens) if image_index is None else len(image_index)
+        if n_sequences != len(input_ids):
+            raise ValueError(f"{len(input_ids)} captions, but " + (
+                f"{len(visual_tokens)} images and no image_index" if image_index is None else
+                f"an image_index of {len(image_index)}"))
         logits = self(self.context(visual_tokens, image_index), input_ids)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 

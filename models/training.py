@@ -40,9 +40,10 @@ class TrainConfig:
     precision: str = "auto"  # "auto": bf16 autocast on a GPU, fp32 on the CPU | "fp32" | "bf16"
     compile: str = "none"  # torch.compile mode of the training loss (COMPILE_MODES); "none": eager
     # Batches take an image's captions together (the images in random order), so that its
-    # cross-attention keys/values, over half of a real-size step's FLOPs, are computed once for
-    # all of them; but a batch then holds 5x fewer images (docs/performance.md: the demo's val
-    # loss came out 0.2-3% higher). False: the captions in random order.
+    # cross-attention keys/values, over half of a real-size step's FLOPs (the prefix bridge has
+    # none: ~3%), are computed once for all of them; but a batch then holds 5x fewer images
+    # (docs/performance.md: the demo's val loss came out 0.2-3% higher). False: the captions in
+    # random order.
     group_by_image: bool = False
 
     def __post_init__(self):
@@ -153,10 +154,17 @@ def compiled_loss(model, config):
     compiled = torch.compile(model.loss, mode=config.compile)
 
     def loss(visual, input_ids, targets, image_index=None):
-        if image_index is None:   # always a tensor: None would be a second graph to compile
+        # One graph serves every batch only if image_index is always given or never. With
+        # group_by_image: always (an identity one where no image repeats). Without: never; the few
+        # batches that repeat an image (~14% at batch 64) get its rows repeated, rather than every
+        # batch paying an identity index_select per cross-attention layer.
+        if config.group_by_image and image_index is None:
             image_index = torch.arange(len(input_ids), device=input_ids.device)
+        elif not config.group_by_image and image_index is not None:
+            visual, image_index = visual.index_select(0, image_index), None
         for t in (visual, input_ids, targets, image_index):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+            if t is not None:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         for t in (input_ids, targets):
             torch._dynamo.maybe_mark_dynamic(t, 1)
         torch.compiler.cudagraph_mark_step_begin()   # the previous step's graph outputs are spent

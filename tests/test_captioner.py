@@ -269,7 +269,13 @@ def test_captions_sharing_an_image_equal_the_image_repeated(course_sd, bridge, v
         picked = torch.tensor([4, 1])
         torch.testing.assert_close(model(ctx.select(picked), ids[picked]),
                                    model(model.context(images[image_index[picked]]), ids[picked]))
-        assert ctx.repeat_interleave(2).n_sequences == 10
+        assert ctx.select(torch.arange(5).repeat_interleave(2)).n_sequences == 10
+    with pytest.raises(ValueError, match="5 captions, but an image_index of 4"):
+        model.loss(images, ids, targets, image_index[:4])
+    with pytest.raises(ValueError, match="5 captions, but 3 images and no image_index"):
+        model.loss(images, ids, targets)
+    with pytest.raises(ValueError, match="1-D tensor of image rows"):
+        model.loss(images, ids, targets, image_index[:, None])
 
 
 @pytest.mark.parametrize("bridge,variant", [("cross", "lora"), ("prefix", "prefix"), ("gated_cross", "prompt")])
@@ -284,7 +290,7 @@ def test_cached_decoding_equals_full_forward(course_sd, bridge, variant):
         torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
         # beam search: duplicate each image, reorder the cache, continue
         cache = model.new_cache(6)
-        wide = ctx.repeat_interleave(2)
+        wide = ctx.select(torch.arange(3).repeat_interleave(2))
         first = model(wide, ids.repeat_interleave(2, 0)[:, :4], cache)
         order = torch.tensor([1, 0, 3, 2, 5, 4])
         cache.reorder(order)

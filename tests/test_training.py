@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from models.checkpoint import load_trainable
 from models.precision import StoredLinearWeights
@@ -160,27 +161,40 @@ def test_bf16_training_runs_and_keeps_the_best_epoch(course_sd, tmp_path, monkey
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="torch.compile on the CPU needs a C++ compiler")
-def test_compiled_training_trains_the_same_model(course_sd, tmp_path):
+@pytest.mark.parametrize("group_by_image", [False, True])
+def test_compiled_training_trains_the_same_model(course_sd, tmp_path, group_by_image):
     """train.compile: torch.compile's loss in reduce-overhead mode (on the CPU: inductor, the CUDA
     graphs skipped) with its caption widths padded to 8 gives eager training's losses and weights
-    up to rounding, and the checkpoint keeps the model's own parameter names."""
+    up to rounding, as one graph for batches with and without a repeated image, and the
+    checkpoint keeps the model's own parameter names."""
     assert TrainConfig(compile="reduce-overhead").width_multiple == 8
     assert TrainConfig(compile="default").width_multiple == TrainConfig().width_multiple == 1
+    if not group_by_image:   # the first epoch has batches with and without a repeated image
+        first_epoch = pairs(8, 0).batches(4, True, random.Random(TrainConfig().seed))
+        assert {len({row for row, _ in b}) < len(b) for b in first_epoch} == {False, True}
     runs = []
     for mode in ("none", "reduce-overhead"):
         model = build(course_sd, "gated_cross", "lora")
         config = TrainConfig(epochs=2, batch_size=4, lr=0.01, warmup_steps=2, val_images=4,
-                             val_batch_size=4, compile=mode)
+                             val_batch_size=4, compile=mode, group_by_image=group_by_image)
+        counters.clear()
         history, _ = train(model, pairs(8, 0), pairs(4, 1), WordTokenizer(), config,
                            tmp_path / f"{mode}.safetensors", torch.device("cpu"), log=lambda *_: None)
         runs.append((history, model.trainable_state_dict()))
+    assert counters["stats"]["unique_graphs"] == 1   # the compiled run's
     (eager, eager_state), (compiled, compiled_state) = runs
     for a, b in zip(eager, compiled):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
     assert compiled_state.keys() == eager_state.keys()
     for name, tensor in eager_state.items():
-        torch.testing.assert_close(compiled_state[name], tensor, rtol=1e-3, atol=1e-5)
+        compiled_tensor = compiled_state[name]
+        if name.endswith("cross.kv.bias"):
+            # Only the values' half: the keys' bias has a zero gradient in exact arithmetic (it adds
+            # a constant to all of a query's scores, which softmax ignores), so AdamW steps on
+            # rounding noise there, which differs between compiled and eager code.
+            tensor, compiled_tensor = tensor[DECODER.n_embd:], compiled_tensor[DECODER.n_embd:]
+        torch.testing.assert_close(compiled_tensor, tensor, rtol=1e-3, atol=1e-5, msg=name)
     assert load_trainable(build(course_sd, "gated_cross", "lora"),
                           tmp_path / "reduce-overhead.safetensors")
 
