@@ -256,6 +256,12 @@ def batches_by_kind(kinds, n_images, n_batches, batch_size, vocab_size):
             for kind in kinds}
 
 
+def mean_text_len(batches):
+    """Positions per caption as a batch pads them, averaged over `batches`: its longest caption
+    plus the start and end tokens (what bench/flops.py counts per caption)."""
+    return sum(max(len(c) for _, c in b) + 2 for b in batches) / len(batches)
+
+
 def captions_per_image(batches):
     """Captions per distinct image of a batch, over `batches` (what a batch computes once)."""
     return sum(map(len, batches)) / sum(len({row for row, _ in b}) for b in batches)

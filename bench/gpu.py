@@ -23,8 +23,8 @@ import torch
 
 from bench import flops
 from bench.common import (Stopwatch, add_batches_arg, batches_by_kind, build_variant,
-                          captions_per_image, fmt_rate, peak_gib, peak_reset, real_decoder,
-                          real_encoder, synthetic_tokenizer, write_jpegs)
+                          captions_per_image, fmt_rate, mean_text_len, peak_gib, peak_reset,
+                          real_decoder, real_encoder, synthetic_tokenizer, write_jpegs)
 from bench.train import IdTokenizer
 from models.caption_folder import caption_folder
 from models.decoding import DecodeConfig, generate
@@ -127,8 +127,6 @@ def bench_training(features, decoder, variants, device, report, batch, steps, wa
     tok = IdTokenizer()
     tok.eot_id = vocab - 1
     composed = batches_by_kind(kinds, len(tokens), steps + warmup, batch, vocab)
-    first = next(iter(composed.values()))   # the same captions in every composition
-    text_len = round(sum(max(len(c) for _, c in b) + 2 for b in first) / len(first))
     runs = [(setting, kind) for setting in settings for kind in kinds]
     for variant in variants:
         best, per_caption = {}, {}
@@ -139,7 +137,7 @@ def bench_training(features, decoder, variants, device, report, batch, steps, wa
                 model = build_variant(decoder, variant, tokens.shape[2], tokens.shape[1])
                 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 per_caption[setting, kind] = flops.CaptionerShape.of(model).train_per_caption(
-                    text_len, captions_per_image(batches))
+                    round(mean_text_len(batches)), captions_per_image(batches))
                 peak_reset(device)
                 with steps_as(setting, model, tokens, tok, config, device) as step:
                     for b in batches[:warmup]:

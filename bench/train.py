@@ -30,8 +30,8 @@ import torch
 from bench import flops
 from bench.common import (COURSE_IMAGE, DEMO_IMAGE, Stopwatch, add_batches_arg, add_device_args,
                           batches_by_kind, build_variant, captions_per_image, demo_decoder,
-                          demo_encoder, fmt_rate, real_decoder, real_encoder, sync, use_device,
-                          write_jpegs)
+                          demo_encoder, fmt_rate, mean_text_len, real_decoder, real_encoder, sync,
+                          use_device, write_jpegs)
 from models.features import FeatureFile, write_features
 from models.imageio import load_rgb
 from models.training import TrainConfig, make_optimizer, train_step
@@ -125,8 +125,6 @@ def bench_size(size, args, device, tmp, log=print):
     log(f"{size}: decoder {source}")
     vocab, eot = decoder.config.vocab_size, decoder.config.vocab_size - 1
     composed = batches_by_kind(args.batches, len(paths), args.steps, batch_size, vocab)
-    first = next(iter(composed.values()))   # the same captions in every composition
-    text_len = sum(max(len(c) for _, c in b) + 2 for b in first) / len(first)
 
     in_ram = FeatureFile(features.path, in_memory=True).read_rows(range(len(features)))
     on_the_fly = EncodeEveryStep(paths, encoder, device)
@@ -146,7 +144,8 @@ def bench_size(size, args, device, tmp, log=print):
                 step_s = time_source(model, optimizer, params, sources[name], composed[kind], eot,
                                      config, device, args.warmup if round_ == 0 else 0)
                 r = Result(size, variant, name, kind, batch_size / step_s, step_s,
-                           shape.train_per_caption(round(text_len), captions_per_image(composed[kind])))
+                           shape.train_per_caption(round(mean_text_len(composed[kind])),
+                                                   captions_per_image(composed[kind])))
                 if name == "encode/step":
                     n = on_the_fly.images
                     r.encoder_flop = enc_flop
