@@ -2,7 +2,7 @@
 real JPEG files, a GPT-2-sized tokenizer, captions, timing.
 
 Nothing here is downloaded. The real-size image encoder is timm's ViT-L/14 CLIP tower with
-random weights, saved to a temp file and loaded through `models.encoders.build_encoder` (the
+random weights, saved to a temp file and loaded through `evaluation.encoders.build_encoder` (the
 pipeline's own path, every key checked); the real-size decoder is a random GPT-2 small.
 """
 import copy
@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.bridges import BridgeConfig
-from models.captioner import Captioner, CaptionerConfig
-from models.encoders import EncoderConfig, build_encoder, encoder_id
-from models.gpt2 import GPT2, GPT2Config, load_course_checkpoint
-from models.peft import PeftConfig
-from models.tokenizer import EOT, Tokenizer
+from captioning.bridges import BridgeConfig
+from captioning.captioner import Captioner, CaptionerConfig
+from evaluation.encoders import EncoderConfig, build_encoder, encoder_id
+from captioning.gpt2 import GPT2, GPT2Config, load_course_checkpoint
+from captioning.peft import PeftConfig
+from captioning.tokenizer import EOT, Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -168,8 +168,8 @@ def build_variant(decoder, variant, visual_width, visual_tokens, seed=0, perturb
     as after some training, so that nothing is skipped or trivially constant."""
     bridge, method = parse_variant(variant)
     config = CaptionerConfig(decoder=decoder.config, visual_width=visual_width,
-                             visual_tokens=visual_tokens, bridge=BridgeConfig(kind=bridge),
-                             peft=PeftConfig(method=method))
+                             visual_tokens=visual_tokens, bridge=BridgeConfig.of(bridge),
+                             peft=PeftConfig.of(method))
     torch.manual_seed(seed)
     model = Captioner(config, copy.deepcopy(decoder))
     if perturb:
@@ -217,7 +217,7 @@ def caption_batches(n_images, n_batches, batch_size, vocab_size, by_image=False,
                     seed=0):
     """`n_batches` training batches of (image row, caption ids) pairs over a table of `n_images`
     images, composed as an epoch of the course's train split composes them
-    (models.training.CaptionPairs.batches). by_image=False, the captions in random order: of
+    (training.loop.CaptionPairs.batches). by_image=False, the captions in random order: of
     batches of 64 of the split's 53,020 captions ~14% hold one image twice, the rest none, so here
     every batch holds distinct images (which needs n_images >= batch_size); since training reads
     each image of a batch once, a small table sampled with replacement would flatter every step.

@@ -5,11 +5,11 @@ setting, eager at the compiled run's padded caption widths, tells what the paddi
 
     python -m bench.compile                       # CPU: every size, mode "default"
     python -m bench.compile --device cuda --sizes real --batch-size 64 --steps 30 \\
-        --variants gated_cross:lora gated_cross:adapter gated_cross:prefix gated_cross:prompt \\
-                   gated_cross:adaption prefix:lora     # mode "reduce-overhead" (CUDA graphs)
+        --variants gated_cross:lora gated_cross:adapter gated_cross:prefix_tuning gated_cross:prompt_tuning \\
+                   gated_cross:adaption_prompt visual_prefix:lora     # mode "reduce-overhead" (CUDA graphs)
     python -m bench.compile --sizes overhead --batch-size 12 --batches random "by image"
 
-All three settings take `models.training.training_steps`, the step `train()` takes (fused AdamW,
+All three settings take `training.loop.training_steps`, the step `train()` takes (fused AdamW,
 bf16 autocast and bf16-stored frozen weights on a GPU, image tokens on the GPU), on a random fp16
 image-token table of the size's shape and random captions of 8-20 tokens, so that the batches have
 several widths, as an epoch's do. Each setting starts from the same weights and runs the same
@@ -35,8 +35,8 @@ from bench.common import (Stopwatch, add_batches_arg, add_device_args, batches_b
                           build_variant, demo_decoder, fmt_rate, peak_gib, peak_reset, real_decoder,
                           sync, use_device)
 from bench.train import IdTokenizer
-from models.gpt2 import GPT2, GPT2Config
-from models.training import COMPILE_MODES, COMPILE_WIDTH_STEP, TrainConfig, training_steps
+from captioning.gpt2 import GPT2, GPT2Config
+from training.loop import COMPILE_MODES, COMPILE_WIDTH_STEP, TrainConfig, training_steps
 
 SHAPES = {"demo": (65, 128), "real": (257, 1024), "overhead": (8, 64)}   # image tokens x width
 
@@ -136,7 +136,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=["overhead", "demo", "real"], choices=list(SHAPES))
     p.add_argument("--variants", nargs="+", default=["gated_cross:lora"],
-                   help="BRIDGE:PEFT, e.g. gated_cross:lora prefix:none cross:adapter")
+                   help="BRIDGE:PEFT, e.g. gated_cross:lora visual_prefix:none cross:adapter")
     p.add_argument("--mode", choices=COMPILE_MODES[1:], default=None,
                    help="torch.compile mode (default: reduce-overhead on CUDA, else default)")
     p.add_argument("--batch-size", type=int, default=0,

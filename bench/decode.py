@@ -1,5 +1,5 @@
 """Captions per second: naive decoding (one image at a time, the whole sequence re-run for every
-token, as students write it) against cached batched decoding (models/decoding.py), greedy and
+token, as students write it) against cached batched decoding (captioning/decoding.py), greedy and
 beam search, for a demo-size and a real-size (GPT-2 small) captioner on random images.
 
     python -m bench.decode                      # a few minutes on 2 CPU cores
@@ -14,7 +14,7 @@ import time
 import torch
 
 from bench.common import add_device_args, build_variant, demo_decoder, real_decoder, use_device
-from models.decoding import DecodeConfig, generate
+from captioning.decoding import DecodeConfig, generate
 
 
 def demo_model(args):

@@ -41,7 +41,7 @@ step() {   # step NAME SECONDS COMMAND...: output to NAME.txt (and NAME/ where i
   tar czf "$OUT/device_checks.tgz.part" -C "$RESULTS" . && mv "$OUT/device_checks.tgz.part" "$OUT/device_checks.tgz"
 }
 
-VARIANTS="gated_cross:adapter gated_cross:lora gated_cross:prefix gated_cross:prompt gated_cross:adaption prefix:lora"
+VARIANTS="gated_cross:adapter gated_cross:lora gated_cross:prefix gated_cross:prompt gated_cross:adaption_prompt visual_prefix:lora"
 # 1. Does train.compile (CUDA graphs) bring adapter's epoch (68 s) under 60 s, with the captions
 #    in random order and with each image's captions batched together (train.group_by_image)?
 step compile 250 python3 -m bench.compile --device cuda --threads 8 --sizes real --batch-size 64 \

@@ -24,7 +24,7 @@ def vit_forward(tokens, width, layers, patch, mlp_ratio=4):
 
 
 def encoder_forward(encoder):
-    """FLOPs of one image through a models.encoders.ImageEncoder: vit_forward for a ViT (depth
+    """FLOPs of one image through a evaluation.encoders.ImageEncoder: vit_forward for a ViT (depth
     read off the module); a CLIP ResNet tower (the demo CLIP) is counted by torch's FlopCounterMode
     on one forward."""
     if hasattr(encoder, "model"):
@@ -49,7 +49,7 @@ class CaptionerShape:
     visual_width: int
     bridge: str = "gated_cross"
     cross_layers: int = 0          # cross bridges: blocks with cross-attention
-    prefix_hidden: int = 0         # prefix bridge MLP width
+    prefix_hidden: int = 0         # visual-prefix bridge MLP width
     method: str = "lora"
     lora_rank: int = 0
     lora_width: int = 0            # output width LoRA adds to per block (c_attn q,v: 2 x n_embd)
@@ -61,31 +61,33 @@ class CaptionerShape:
 
     @classmethod
     def of(cls, model):
-        """The shape of a models.captioner.Captioner."""
+        """The shape of a captioning.captioner.Captioner."""
         c, p, b = model.config.decoder, model.config.peft, model.config.bridge
         cross = sum(blk.cross is not None for blk in model.decoder.h)
+        s = p.settings
         lora_width = 0
-        if p.method == "lora" and "c_attn" in p.lora_targets:
-            lora_width = sum(p.lora_qkv) * c.n_embd
+        if p.method == "lora" and "c_attn" in s.targets:
+            lora_width = sum(s.qkv) * c.n_embd
+        hidden = b.visual_prefix.hidden if b.kind == "visual_prefix" else 0
         return cls(n_layer=c.n_layer, n_embd=c.n_embd, vocab=c.vocab_size,
                    visual_tokens=model.config.visual_tokens, visual_width=model.config.visual_width,
-                   bridge=b.kind, cross_layers=cross, prefix_hidden=b.prefix_hidden or 2 * c.n_embd,
-                   method=p.method, lora_rank=p.rank if p.method == "lora" else 0,
+                   bridge=b.kind, cross_layers=cross, prefix_hidden=hidden or 2 * c.n_embd,
+                   method=p.method, lora_rank=s.rank if p.method == "lora" else 0,
                    lora_width=lora_width,
-                   adapter_size=p.adapter_size if p.method == "adapter" else 0,
-                   adapter_per_block=len(p.adapter_where) if p.method == "adapter" else 0,
-                   prefix_length=p.prefix_length if p.method == "prefix" else 0,
-                   prompt_length=p.prompt_length if p.method == "prompt" else 0,
-                   adaption_length=p.adaption_length if p.method == "adaption" else 0)
+                   adapter_size=s.size if p.method == "adapter" else 0,
+                   adapter_per_block=len(s.where) if p.method == "adapter" else 0,
+                   prefix_length=s.length if p.method == "prefix_tuning" else 0,
+                   prompt_length=s.length if p.method == "prompt_tuning" else 0,
+                   adaption_length=s.length if p.method == "adaption_prompt" else 0)
 
     def _input_prefix(self):
         """Positions placed before the text (visual prefix, soft prompt)."""
-        return (self.visual_tokens if self.bridge == "prefix" else 0) + self.prompt_length
+        return (self.visual_tokens if self.bridge == "visual_prefix" else 0) + self.prompt_length
 
     def visual_forward(self):
         """Per image: the projection of the image tokens + cross-attention keys/values."""
         C, V, D = self.n_embd, self.visual_tokens, self.visual_width
-        if self.bridge == "prefix":
+        if self.bridge == "visual_prefix":
             return 2 * V * (D * self.prefix_hidden + self.prefix_hidden * C)
         return 2 * V * D * C + self.cross_layers * 2 * V * C * 2 * C
 
@@ -96,7 +98,7 @@ class CaptionerShape:
         frozen = L * (2 * n_query * C * 3 * C + 2 * n_query * C * C + 16 * n_query * C * C
                       + 4 * n_query * n_keys * C)
         trainable = 0
-        if self.cross_layers and self.bridge != "prefix":
+        if self.cross_layers and self.bridge != "visual_prefix":
             trainable += self.cross_layers * (2 * 2 * n_query * C * C)        # q, proj
             frozen += self.cross_layers * 4 * n_query * self.visual_tokens * C  # scores, mix
         # x A^T ([C] -> r per enabled part) then a B^T per part (r -> C): r x lora_width each
@@ -108,7 +110,7 @@ class CaptionerShape:
     def train_per_caption(self, text_len, captions_per_image=1):
         """Training FLOPs of one caption padded to `text_len` positions (start token included), its
         image's share: a batch computes an image's projection and cross-attention keys/values
-        once for its `captions_per_image` captions (models.training.batch_loss)."""
+        once for its `captions_per_image` captions (training.loop.batch_loss)."""
         P = self._input_prefix()
         T = P + text_len
         fwd, trainable = self._token_forward(T, T + self.prefix_length)

@@ -12,6 +12,7 @@ and, for decoding, with settings the stages do not use yet, so that a missed tar
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -26,12 +27,12 @@ from bench.common import (Stopwatch, add_batches_arg, batches_by_kind, build_var
                           captions_per_image, fmt_rate, mean_text_len, peak_gib, peak_reset,
                           real_decoder, real_encoder, synthetic_tokenizer, write_jpegs)
 from bench.train import IdTokenizer
-from models.caption_folder import caption_folder
-from models.decoding import DecodeConfig, generate
-from models.features import FeatureFile, write_features
-from models.imageio import list_images
-from models.precision import StoredLinearWeights
-from models.training import TrainConfig, make_optimizer, train_step, training_steps
+from inference.caption_folder import caption_folder
+from captioning.decoding import DecodeConfig, generate
+from evaluation.features import FeatureFile, write_features
+from common.imageio import list_images
+from common.precision import StoredLinearWeights
+from training.loop import TrainConfig, make_optimizer, train_step, training_steps
 
 TRAIN_CAPTIONS = 10604 * 5      # one epoch of the course's train split
 VAL_IMAGES = 1789
@@ -103,7 +104,7 @@ TRAIN_SETTINGS = {
     "before": "foreach AdamW, fp32 frozen weights, features on the host (the first train stage)",
     "frozen stored": "fused AdamW, frozen Linear weights stored bf16, trainable ones cast by "
                      "autocast at every use, features on the GPU (2026-11-23 to 11-26)",
-    "as is": "as models.training.train runs it (fused AdamW, Linear weights stored bf16 with fp32 "
+    "as is": "as training.loop.train runs it (fused AdamW, Linear weights stored bf16 with fp32 "
              "masters for the trainable ones, features on the GPU)",
 }
 
@@ -210,8 +211,9 @@ def bench_end_to_end(img_dir, n_images, encoder, decoder, tokenizer, device, rep
     for name, dtype, batch, workers in settings:
         peak_reset(device)
         with autocast(device, dtype), Stopwatch(device) as sw:
-            captions, skipped = caption_folder(list_images(img_dir), encoder, model, tokenizer, cfg,
-                                               batch_size=batch, num_workers=workers, device=device)
+            captions, skipped = caption_folder(list_images(img_dir), encoder, model, tokenizer,
+                                               dataclasses.replace(cfg, batch_size=batch),
+                                               num_workers=workers, device=device)
         assert len(captions) == n_images and not skipped and all(captions.values())
         rate = n_images / sw.seconds
         report.add(f"hw3_2-style end to end (caption_folder: JPEG -> ViT-L/14 -> beam {beam}, "
@@ -227,8 +229,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_results.json")
     p.add_argument("--small", action="store_true", help="toy sizes: a smoke test of this script")
     p.add_argument("--variants", nargs="+", default=[
-        "gated_cross:lora", "gated_cross:adapter", "gated_cross:prefix", "gated_cross:prompt",
-        "gated_cross:adaption", "prefix:lora"])
+        "gated_cross:lora", "gated_cross:adapter", "gated_cross:prefix_tuning", "gated_cross:prompt_tuning",
+        "gated_cross:adaption_prompt", "visual_prefix:lora"])
     p.add_argument("--images", type=int, default=VAL_IMAGES, help="JPEGs for extraction and hw3_2")
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--train-steps", type=int, default=20)

@@ -1,6 +1,6 @@
 """Is the feature loader ever the bottleneck? HDF5 rows/s through a DataLoader with 0, 1, 2, 4
 workers (shuffled batches, `FeatureFile.read_rows`), the in-RAM copy stages/train.py uses, and
-what one training step consumes (captions/s of `models.training.train_step` on the same rows),
+what one training step consumes (captions/s of `training.loop.train_step` on the same rows),
 at the demo row size (65 x 128 fp16) and the real one (257 x 1024 fp16), in one run.
 
     python -m bench.loader                       # ~2 minutes on 2 CPU cores
@@ -24,14 +24,14 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from bench.common import (add_device_args, build_variant, caption_batches, demo_decoder, fmt_rate,
                           real_decoder, sync, use_device)
 from bench.train import IdTokenizer
-from models.features import FORMAT_VERSION, LIBVER, FeatureFile
-from models.training import TrainConfig, gather_rows, make_optimizer, train_step
+from evaluation.features import FORMAT_VERSION, LIBVER, FeatureFile
+from training.loop import TrainConfig, gather_rows, make_optimizer, train_step
 
 SIZES = {"demo": (65, 128, (8, 8), 64), "real": (257, 1024, (16, 16), 224)}   # T, D, grid, px
 
 
 def synthetic_feature_file(path, rows, tokens, width, grid, image_size, seed=0):
-    """A features/<split>.h5 of random rows, laid out as models.features.write_features does."""
+    """A features/<split>.h5 of random rows, laid out as evaluation.features.write_features does."""
     rng = np.random.default_rng(seed)
     with h5py.File(path, "w", libver=LIBVER) as f:
         ds = f.create_dataset("tokens", shape=(rows, tokens, width), dtype=np.float16,

@@ -1,6 +1,6 @@
 """LoRA's update computed two ways, side by side in one run: loralib's own MergedLinear forward
 (the dense B@A [out, in] built at every call, placed with a boolean mask, then a full-width
-product) against models.peft.lora.MergedLinear's low-rank forward ((x A^T) B^T per enabled part).
+product) against captioning.peft.lora.MergedLinear's low-rank forward ((x A^T) B^T per enabled part).
 Training steps and beam-5 decoding, captions/s, at the demo and the real size (gated_cross:lora,
 LoRA on c_attn's q and v, the pipeline's default).
 
@@ -19,16 +19,16 @@ import torch
 from bench.common import (Stopwatch, add_device_args, build_variant, caption_batches, demo_decoder,
                           real_decoder, use_device)
 from bench.train import time_source
-from models.decoding import DecodeConfig, generate
-from models.peft.lora import MergedLinear
-from models.training import TrainConfig, make_optimizer
+from captioning.decoding import DecodeConfig, generate
+from captioning.peft.lora import MergedLinear
+from training.loop import TrainConfig, make_optimizer
 
 FORWARDS = {"loralib": loralib.MergedLinear.forward, "low-rank": MergedLinear.forward}
 
 
 @contextlib.contextmanager
 def lora_forward(name):
-    """Every models.peft.lora.MergedLinear computes its update the `name` way inside."""
+    """Every captioning.peft.lora.MergedLinear computes its update the `name` way inside."""
     ours = MergedLinear.forward
     MergedLinear.forward = FORWARDS[name]
     try:

@@ -5,7 +5,7 @@ host spends ~70 ms issuing ~1100 kernels while the GPU computes for ~17 ms, so e
 call saved is host time saved. The number of calls per step does not depend on the batch size
 (since caption_batch pads with whole-array operations) and barely on the device (the CPU's and
 the GPU's autocast and attention kernels differ in a few calls), so it is counted here on the
-CPU, exactly, at a small batch: the second step as models.training runs it on a GPU (bf16
+CPU, exactly, at a small batch: the second step as training.loop runs it on a GPU (bf16
 autocast, Linear weights stored bf16 with fp32 masters for the trainable ones, fused AdamW,
 gradient clipping), the batch's preparation included (caption padding and the CPU feature gather
 run in numpy, which makes no operator calls; on a GPU the gather and the copies to it add a few).
@@ -25,11 +25,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import build_variant, demo_decoder, random_captions, real_decoder
 from bench.train import IdTokenizer
-from models.precision import StoredLinearWeights
-from models.training import TrainConfig, make_optimizer, train_step
+from common.precision import StoredLinearWeights
+from training.loop import TrainConfig, make_optimizer, train_step
 
-VARIANTS = ["gated_cross:lora", "gated_cross:adapter", "gated_cross:prefix", "gated_cross:prompt",
-            "gated_cross:adaption", "prefix:lora"]
+VARIANTS = ["gated_cross:lora", "gated_cross:adapter", "gated_cross:prefix_tuning", "gated_cross:prompt_tuning",
+            "gated_cross:adaption_prompt", "visual_prefix:lora"]
 SIZES = {"real": (real_decoder, 257, 1024), "demo": (demo_decoder, 10, 128)}   # visual tokens, width
 
 

@@ -4,12 +4,12 @@ JPEG and run the frozen encoder at every step), at the demo size and the real si
 
     python -m bench.train                                   # ~3-4 minutes on 2 CPU cores
     python -m bench.train --sizes real --device cuda --batch-size 64 --steps 20 \\
-        --variants gated_cross:lora gated_cross:adapter gated_cross:prefix
+        --variants gated_cross:lora gated_cross:adapter gated_cross:prefix_tuning
     python -m bench.train --sizes real --batches random "by image"   # train.group_by_image
 
 Flow per size: a handful of real JPEG files are written to a temp folder; the extract stage's
-code (`models.features.write_features`) encodes them into an HDF5 feature file; then every
-variant trains with `models.training.train_step` (the pipeline's own step: AdamW, clipping,
+code (`evaluation.features.write_features`) encodes them into an HDF5 feature file; then every
+variant trains with `training.loop.train_step` (the pipeline's own step: AdamW, clipping,
 autocast bf16 on GPU) fed from three sources of image tokens:
   h5 in RAM     the whole file read into memory once (what stages/train.py does)
   h5 rows       rows read from the HDF5 file every step (FeatureFile.read_rows)
@@ -32,9 +32,9 @@ from bench.common import (COURSE_IMAGE, DEMO_IMAGE, Stopwatch, add_batches_arg, 
                           batches_by_kind, build_variant, captions_per_image, demo_decoder,
                           demo_encoder, fmt_rate, mean_text_len, real_decoder, real_encoder, sync,
                           use_device, write_jpegs)
-from models.features import FeatureFile, write_features
-from models.imageio import load_rgb
-from models.training import TrainConfig, make_optimizer, train_step
+from evaluation.features import FeatureFile, write_features
+from common.imageio import load_rgb
+from training.loop import TrainConfig, make_optimizer, train_step
 
 SOURCES = ("h5 in RAM", "h5 rows", "encode/step")
 
@@ -182,7 +182,7 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=["demo", "real"], choices=["demo", "real"])
     p.add_argument("--variants", nargs="+", default=["gated_cross:lora"],
-                   help="BRIDGE:PEFT, e.g. gated_cross:lora prefix:none cross:adapter")
+                   help="BRIDGE:PEFT, e.g. gated_cross:lora visual_prefix:none cross:adapter")
     p.add_argument("--images", type=int, default=8,
                    help="JPEG files written (and extracted); at least one batch's worth")
     p.add_argument("--batch-size", type=int, default=0, help="captions per step (0: demo 32, real 4)")

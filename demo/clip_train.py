@@ -18,7 +18,7 @@ A ViT tower (vision_layers an int) is still supported; its positional embedding 
 2-D sine-cosine codes (pos_init).
 
 The saved file is a plain fp32 state dict of `clip.model.CLIP` with context_length 77, which
-`clip.load(path, jit=False)` and `models.clip_io.load_clip` rebuild (heads are inferred from the
+`clip.load(path, jit=False)` and `evaluation.clip_io.load_clip` rebuild (heads are inferred from the
 widths); its preprocess resizes the demo images to the tower's input_resolution.
 """
 import json
@@ -41,8 +41,7 @@ with warnings.catch_warnings():
     from clip.model import CLIP
 
 from demo import scenes
-from models.atomic import atomic_path
-from models.config import from_section
+from common.atomic import atomic_path
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -77,6 +76,7 @@ class DemoClipConfig:
     weight_decay: float = 0.1
     eval_every: int = 100        # zero-shot check on p1 for the training curve (0 = never)
     threads: int = 2
+    template: str = "a photo of a {object}"   # the zero-shot prompt of the metric
 
     def __post_init__(self):
         def fail(name, why):
@@ -114,10 +114,6 @@ class DemoClipConfig:
             fail("min_lr_frac", "must be in [0, 1]")
         if self.warmup_steps < 0 or self.eval_every < 0:
             fail("warmup_steps" if self.warmup_steps < 0 else "eval_every", "must be >= 0")
-
-    @classmethod
-    def from_dict(cls, d, source="demo_clip"):
-        return from_section(cls, d, source)
 
     @property
     def resnet(self):
@@ -311,7 +307,7 @@ def lr_at(step, cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# Zero-shot check used for the training curve (the stage's metric uses models/zeroshot.py)
+# Zero-shot check used for the training curve (the stage's metric uses evaluation/zeroshot.py)
 
 @torch.no_grad()
 def zero_shot_accuracy(model, pixels, labels, class_names, template="a photo of a {}"):
@@ -382,7 +378,7 @@ def _train(cfg, data, image_resolution, eval_set, progress, device):
 
 
 def save_clip(model, path):
-    """A plain fp32 state dict: what clip.load(path, jit=False) and models.clip_io read."""
+    """A plain fp32 state dict: what clip.load(path, jit=False) and evaluation.clip_io read."""
     sd = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save(sd, tmp)

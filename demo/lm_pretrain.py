@@ -1,8 +1,8 @@
 """Pretrain the demo world's small GPT-2 on the demo training captions and save it in the course's
-`decoder_model.bin` format (models.gpt2.course_state_dict), so the frozen decoder of every later
+`decoder_model.bin` format (captioning.gpt2.course_state_dict), so the frozen decoder of every later
 stage is read by the same loader in the demo world and the real one.
 
-Each caption is one sequence in the course's layout (models.tokenizer.caption_batch):
+Each caption is one sequence in the course's layout (captioning.tokenizer.caption_batch):
 inputs `[eot, t1..tN, eot, pad...]`, targets `[t1..tN, eot, -100...]`. Perplexity is
 exp(mean cross-entropy over the counted targets), i.e. per token including the final eot.
 """
@@ -16,11 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.atomic import atomic_open, atomic_path
-from models.config import from_section
-from models.errors import ParamsError
-from models.gpt2 import GPT2, GPT2Config, course_state_dict, load_course_checkpoint
-from models.tokenizer import IGNORE_INDEX, caption_batch
+from common.atomic import atomic_open, atomic_path
+from captioning.gpt2 import GPT2, GPT2Config, course_state_dict, load_course_checkpoint
+from captioning.tokenizer import IGNORE_INDEX, caption_batch
 
 
 @dataclass
@@ -40,15 +38,12 @@ class LMConfig:
     threads: int = 1             # the model is tiny: a 2nd thread gains little and collapses under contention
     log_every: int = 10         # steps per point of the training-loss curve
 
-    @classmethod
-    def from_dict(cls, d, source="demo_gpt2"):
-        cfg = from_section(cls, d, source)
+    def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "epochs", "batch_size", "log_every"):
-            if getattr(cfg, name) < 1:
-                raise ParamsError(f"{source}: {name}={getattr(cfg, name)} must be at least 1")
-        if cfg.block_size < 2:
-            raise ParamsError(f"{source}: block_size={cfg.block_size} must be at least 2")
-        return cfg
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.block_size < 2:
+            raise ValueError(f"block_size={self.block_size} must be at least 2")
 
     def model_config(self, vocab_size):
         return GPT2Config(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,

@@ -22,7 +22,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from models.config import from_section
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -127,10 +126,6 @@ class SceneConfig:
         """
         C, S = len(self.colours), len(self.shapes)
         return [(self.colours[k % C], self.shapes[(k // C + k % C) % S]) for k in range(self.n_classes)]
-
-    @classmethod
-    def from_dict(cls, d, source="demo_data"):
-        return from_section(cls, d, source)
 
 
 def class_label(colour, shape):
@@ -455,6 +450,20 @@ def write_hw3_data(root, cfg, progress=True):
         if tmp.exists():
             shutil.rmtree(tmp)
     return root
+
+
+def p3_objects(cfg):
+    """What the p3 images show, for the attention figures (stages/visualize.py): the words a
+    caption may use for each shape, and each image's objects in pixels (centre, bounding-box
+    side): {"shape_words": {shape: [word, ...]}, "images": {name: [{"shape", "colour", "cx",
+    "cy", "extent"}, ...]}}."""
+    images = {}
+    for i, name in enumerate(P3_NAMES):
+        scene = render_scene(cfg, rng_for(cfg.seed, "p3", i))
+        images[name] = [{"shape": ob.shape, "colour": ob.colour, "cx": ob.cx, "cy": ob.cy,
+                         "extent": ob.extent} for ob in scene.objects]
+    return {"shape_words": {shape: list(words) for shape, words in SHAPE_WORDS.items()},
+            "images": images}
 
 
 def _write_json(path, obj):

@@ -1,5 +1,5 @@
 """The demo world's vocabulary: a byte-level BPE trained on the demo training captions, written as
-GPT-2's `encoder.json` + `vocab.bpe` so that the same `models.tokenizer.Tokenizer` reads it.
+GPT-2's `encoder.json` + `vocab.bpe` so that the same `captioning.tokenizer.Tokenizer` reads it.
 
 GPT-2's file format, exactly: encoder.json is a JSON object token -> id (ASCII-escaped, like
 OpenAI's file); vocab.bpe is the line `#version: 0.2`, then one merge `a b` per line in priority
@@ -12,19 +12,14 @@ from pathlib import Path
 
 from tokenizers import ByteLevelBPETokenizer
 
-from models.atomic import atomic_open
-from models.config import from_section
-from models.tokenizer import EOT, Tokenizer
+from common.atomic import atomic_open
+from captioning.tokenizer import EOT, Tokenizer
 
 
 @dataclass
 class VocabConfig:
     vocab_size: int = 1000     # upper bound incl. the 256 bytes and <|endoftext|>; may come out smaller
     min_frequency: int = 2     # a pair must occur this often to be merged
-
-    @classmethod
-    def from_dict(cls, d, source="demo_vocab"):
-        return from_section(cls, d, source)
 
 
 def read_captions(path):

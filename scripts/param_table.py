@@ -9,10 +9,10 @@ device: shapes only, no weights read, nothing allocated. The course allows < 35M
 import argparse
 import itertools
 
-from models.bridges import BRIDGES, BridgeConfig
-from models.captioner import PRETRAINED, CaptionerConfig, build_on_meta
-from models.gpt2 import GPT2Config
-from models.peft import PEFT_METHODS, PeftConfig
+from captioning.bridges import BRIDGES, BridgeConfig
+from captioning.captioner import PRETRAINED, CaptionerConfig, build_on_meta
+from captioning.gpt2 import GPT2Config
+from captioning.peft import METHODS, PeftConfig
 
 LIMIT = 35_000_000
 GPT2_SMALL = GPT2Config(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
@@ -20,14 +20,14 @@ VIT_L14_TOKENS = dict(visual_width=1024, visual_tokens=257)  # class token + 16 
 
 
 def real_size_config(bridge, method):
-    return CaptionerConfig(decoder=GPT2_SMALL, bridge=BridgeConfig(kind=bridge),
-                           peft=PeftConfig(method=method), **VIT_L14_TOKENS)
+    return CaptionerConfig(decoder=GPT2_SMALL, bridge=BridgeConfig.of(bridge),
+                           peft=PeftConfig.of(method), **VIT_L14_TOKENS)
 
 
 def parameter_table():
     """One row per default variant: trainable / frozen counts and the trainable split by part."""
     rows = []
-    for bridge, method in itertools.product(BRIDGES, PEFT_METHODS):
+    for bridge, method in itertools.product(BRIDGES, METHODS):
         counts = build_on_meta(real_size_config(bridge, method)).parameter_counts()
         rows.append(dict(bridge=bridge, method=method,
                          trainable=sum(t for t, _ in counts.values()),

@@ -11,24 +11,24 @@ from pathlib import Path
 
 import torch
 
-from models.atomic import remove_outputs, write_json
-from models.checkpoint import load_captioner
-from models.config import load_params
-from models.decoding import DecodeConfig, caption_features
-from models.device import resolve_device
-from models.errors import run_stage
-from models.features import FeatureFile
-from models.world import World
+from common.atomic import remove_outputs, write_json
+from captioning.checkpoint import load_captioner
+from common.params import from_section, load_params
+from captioning.decoding import DecodeConfig, caption_features
+from captioning.tokenizer import Tokenizer
+from common.device import resolve_device
+from common.errors import run_stage
+from evaluation.features import FeatureFile
+from stages.world import World
 
 
-def caption_split(model, tokenizer, features, config, batch_size, device, permutation=None):
+def caption_split(model, tokenizer, features, config, device, permutation=None):
     """{name: caption} of a FeatureFile's rows; with `permutation`, row i is captioned from the
     tokens of row permutation[i]."""
     n = len(features)
     order = permutation if permutation is not None else range(n)
     rows = ((features.names[i], features[j].float()) for i, j in zip(range(n), order))
-    return caption_features(model, tokenizer, rows, config, batch_size=batch_size, device=device,
-                            total=n)
+    return caption_features(model, tokenizer, rows, config, device=device, total=n)
 
 
 def main(argv=None):
@@ -38,13 +38,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     params = load_params(args.params)
     device = resolve_device()
-    decode = dict(params["decode"])
-    batch_size = decode.pop("batch_size")
-    world = World.from_params(params, args.params)
-    config = DecodeConfig.from_dict(decode, f"{args.params}: decode")
+    world = from_section(World, params.get("world"), f"{args.params}: world")
+    config = from_section(DecodeConfig, params.get("decode"), f"{args.params}: decode")
     model, _ = load_captioner(Path("checkpoints") / args.variant / "model.safetensors",
                               world.decoder, device)
-    tokenizer = world.tokenizer()
+    tokenizer = Tokenizer.from_files(world.encoder_json, world.vocab_bpe)
     if tokenizer.identity != model.config.tokenizer_id:
         raise SystemExit(f"{world.encoder_json}, {world.vocab_bpe}: not the vocabulary the "
                          f"{args.variant} checkpoint was trained with")
@@ -60,15 +58,14 @@ def main(argv=None):
     out = Path("predictions") / args.variant
     remove_outputs(*(out / f"{name}.json" for name in ("val", "p3", "val_blind")))
     for split, f in features.items():
-        captions = caption_split(model, tokenizer, f, config, batch_size, device)
+        captions = caption_split(model, tokenizer, f, config, device)
         write_json(out / f"{split}.json", captions)
     # A random cycle through the val set: no image is ever paired with its own tokens.
     cycle = torch.randperm(n_val, generator=torch.Generator().manual_seed(0)).tolist()
     permutation = [0] * n_val
     for a, b in zip(cycle, cycle[1:] + cycle[:1]):
         permutation[a] = b
-    blind = caption_split(model, tokenizer, features["val"], config, batch_size, device,
-                          permutation)
+    blind = caption_split(model, tokenizer, features["val"], config, device, permutation)
     write_json(out / "val_blind.json", blind)
 
 

@@ -3,8 +3,8 @@
     python -m stages.demo_clip [--data data/demo/hw3_data] [--out data/demo/clip_demo.pt]
 
 Reads params.yaml's `demo_data` (for the extra single-object training images) and `demo_clip`
-(demo.clip_train.DemoClipConfig, plus `template`) sections. Writes the checkpoint (a plain state
-dict for clip.load / models.clip_io.load_clip), metrics/demo_clip.json (zero-shot accuracy on the
+(demo.clip_train.DemoClipConfig) sections. Writes the checkpoint (a plain state
+dict for clip.load / evaluation.clip_io.load_clip), metrics/demo_clip.json (zero-shot accuracy on the
 demo p1 images, overall and for colour and shape separately) and the training curves under
 plots/demo_clip/. The metric is computed on the checkpoint reloaded from disk, through the same
 code as the zeroshot stage.
@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from demo.clip_train import DemoClipConfig, load_pairs, p1_eval_set, save_clip, train_clip
-from demo.scenes import SceneConfig, class_label
-from models.atomic import atomic_open, write_json
-from models.clip_io import load_clip
-from models.config import load_params
-from models.errors import run_stage
-from models.zeroshot import class_id_from_filename, class_text_embeddings, embed_images, read_id2label
-
-DEFAULT_TEMPLATE = "a photo of a {object}"
+from common.atomic import atomic_open, write_json
+from common.errors import ParamsError, run_stage
+from demo.clip_train import load_pairs, p1_eval_set, save_clip, train_clip
+from demo.scenes import class_label
+from evaluation.clip_io import load_clip
+from evaluation.zeroshot import class_id_from_filename, class_text_embeddings, embed_images, read_id2label
+from common.params import from_section, load_params
+from demo.clip_train import DemoClipConfig
+from demo.scenes import SceneConfig
 
 
 def write_csv(path, rows, columns):
@@ -78,18 +78,12 @@ def main(argv=None):
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    for name in ("demo_data", "demo_clip"):
-        if not isinstance(params.get(name), dict):
-            raise SystemExit(f"{args.params}: missing the {name} section")
-    section = dict(params["demo_clip"])
-    template = section.pop("template", DEFAULT_TEMPLATE)
-    scene_cfg = SceneConfig.from_dict(params["demo_data"], f"{args.params}: demo_data")
-    cfg = DemoClipConfig.from_dict(section, f"{args.params}: demo_clip")
-
+    scene_cfg = from_section(SceneConfig, params.get("demo_data"), f"{args.params}: demo_data")
+    cfg = from_section(DemoClipConfig, params.get("demo_clip"), f"{args.params}: demo_clip")
     try:
         resolution = cfg.model_resolution(scene_cfg.image_size)
     except ValueError as e:
-        raise SystemExit(f"{args.params}: {e}") from None
+        raise ParamsError(f"{args.params}: {e}") from None
     data = load_pairs(args.data, scene_cfg, cfg.n_single, resolution)
     eval_set = p1_eval_set(args.data, scene_cfg.image_size, resolution)
     t0 = time.time()
@@ -97,7 +91,7 @@ def main(argv=None):
     train_seconds = time.time() - t0
     save_clip(model, args.out)
 
-    metrics = evaluate(args.out, args.data, scene_cfg, template)
+    metrics = evaluate(args.out, args.data, scene_cfg, cfg.template)
     metrics.update(train_seconds=round(train_seconds, 1), train_steps=cfg.steps,
                    train_pairs=len(data.pixels), train_captions=len(data.tokens),
                    parameters=sum(p.numel() for p in model.parameters()))

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from demo.lm_pretrain import LMConfig, pretrain, save_decoder, write_curves
+from demo.lm_pretrain import pretrain, save_decoder, write_curves
 from demo.vocab import read_captions
-from models.atomic import write_json
-from models.config import load_params
-from models.errors import run_stage
-from models.tokenizer import Tokenizer, caption_batch
+from common.atomic import write_json
+from common.errors import run_stage
+from common.params import from_section, load_params
+from demo.lm_pretrain import LMConfig
+from captioning.tokenizer import Tokenizer, caption_batch
 
 
 def main(argv=None):
@@ -32,8 +33,8 @@ def main(argv=None):
     ap.add_argument("--plots", default="plots/demo_gpt2")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    params = load_params(args.params)
-    cfg = LMConfig.from_dict(params.get("demo_gpt2"), source=f"{args.params}: demo_gpt2")
+    cfg = from_section(LMConfig, load_params(args.params).get("demo_gpt2"),
+                       f"{args.params}: demo_gpt2")
     torch.set_num_threads(cfg.threads)
 
     p2 = Path(args.p2_data)

@@ -10,10 +10,11 @@ Reads params.yaml's `demo_vocab` section (vocab_size, min_frequency).
 """
 import argparse
 
-from demo.vocab import VocabConfig, build_demo_vocab
-from models.atomic import write_json
-from models.config import load_params
-from models.errors import run_stage
+from common.atomic import write_json
+from common.errors import run_stage
+from demo.vocab import build_demo_vocab
+from common.params import from_section, load_params
+from demo.vocab import VocabConfig
 
 
 def main(argv=None):
@@ -23,8 +24,8 @@ def main(argv=None):
     ap.add_argument("--metrics", default="metrics/demo_vocab.json")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    params = load_params(args.params)
-    cfg = VocabConfig.from_dict(params.get("demo_vocab"), source=f"{args.params}: demo_vocab")
+    cfg = from_section(VocabConfig, load_params(args.params).get("demo_vocab"),
+                       f"{args.params}: demo_vocab")
     stats = build_demo_vocab(args.p2_data, cfg, args.out_dir)
     write_json(args.metrics, stats)
     print(f"demo vocabulary: {stats['vocab_size']} tokens ({stats['merges']} merges), "

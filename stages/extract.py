@@ -1,30 +1,47 @@
 """DVC stage `extract`: frozen-encoder tokens of every split into features/<split>.h5, and the
 scoring CLIP's image embeddings into features/clipscore_<split>.h5.
 
-Reads `world.data_root`, `world.clip` (the scoring CLIP) and the `extract:` section, e.g.
-    extract:
-      encoder: {kind: clip, name: data/demo/clip_demo.pt}
-      splits: {train: p2_data/images/train, val: p2_data/images/val, p3: p3_data/images}
-      clipscore_splits: [val]
-      batch_size: 64
-      num_workers: 0
-      device: auto
-      skip_unreadable: false
-      out_dir: features
+Reads params `world` (data_root; clip, the scoring CLIP) and `extract` (ExtractConfig).
 """
 import argparse
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.atomic import remove_outputs
-from models.clip_io import load_clip
-from models.config import load_params
-from models.device import resolve_device
-from models.encoders import EncoderConfig, build_encoder, encoder_id
-from models.errors import run_stage
-from models.features import write_clip_embeddings, write_features
-from models.imageio import list_images
+from common.atomic import remove_outputs
+from common.device import resolve_device
+from common.errors import run_stage
+from common.imageio import list_images
+from common.params import from_section, load_params
+from evaluation.clip_io import load_clip
+from evaluation.encoders import EncoderConfig, build_encoder, encoder_id
+from evaluation.features import write_clip_embeddings, write_features
+from stages.world import World
+
+OUT = Path("features")
+
+
+@dataclass
+class ExtractConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    # split -> image folder under world.data_root
+    splits: dict = field(default_factory=lambda: {
+        "train": "p2_data/images/train", "val": "p2_data/images/val", "p3": "p3_data/images"})
+    clipscore_splits: list = field(default_factory=lambda: ["val"])  # world.clip's embeddings
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "auto"
+    skip_unreadable: bool = False  # leave unreadable images out (a line each) instead of stopping
+
+    def __post_init__(self):
+        bad = [s for s in self.clipscore_splits if s not in self.splits]
+        if bad:
+            raise ValueError(f"extract.clipscore_splits {bad}: not in extract.splits "
+                             f"({sorted(self.splits)})")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError(f"extract.batch_size={self.batch_size} must be >= 1 and "
+                             f"extract.num_workers={self.num_workers} >= 0")
 
 
 def main(argv=None):
@@ -33,43 +50,36 @@ def main(argv=None):
     ap.add_argument("--device", default=None, help="override extract.device")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    p, world = params["extract"], params["world"]
-    root, out_dir = Path(world["data_root"]), Path(p.get("out_dir", "features"))
-    device = resolve_device(args.device or p.get("device", "auto"),
+    world = from_section(World, params.get("world"), f"{args.params}: world")
+    p = from_section(ExtractConfig, params.get("extract"), f"{args.params}: extract")
+    device = resolve_device(args.device or p.device,
                             "--device" if args.device else f"{args.params}: extract.device")
-    common = dict(batch_size=int(p.get("batch_size", 32)), num_workers=int(p.get("num_workers", 0)),
-                  device=device, skip_unreadable=bool(p.get("skip_unreadable", False)))
+    common = dict(batch_size=p.batch_size, num_workers=p.num_workers, device=device,
+                  skip_unreadable=p.skip_unreadable)
 
-    score_splits = p.get("clipscore_splits") or []
-    for split in score_splits:   # checked before the long part starts
-        if split not in p["splits"]:
-            raise SystemExit(f"{args.params}: extract.clipscore_splits names {split!r}, "
-                             f"which is not in extract.splits ({sorted(p['splits'])})")
-
-    images = {split: list_images(root / folder, stream=sys.stderr)
-              for split, folder in p["splits"].items()}
-    cfg = EncoderConfig.from_dict(p["encoder"], f"{args.params}: extract.encoder")
-    eid = encoder_id(cfg)
-    encoder = build_encoder(cfg, device=device)
+    images = {split: list_images(Path(world.data_root) / folder, stream=sys.stderr)
+              for split, folder in p.splits.items()}
+    eid = encoder_id(p.encoder)
+    encoder = build_encoder(p.encoder, device=device)
     print(f"encoder {eid}: {encoder.num_tokens} tokens x {encoder.width}, grid {encoder.grid}, "
           f"device {device}", file=sys.stderr)
-    if score_splits:
-        model, preprocess = load_clip(world["clip"], device=device)
+    if p.clipscore_splits:
+        model, preprocess = load_clip(world.clip, device=device)
     # inputs checked: a run killed from here on must not leave the previous run's files behind
-    remove_outputs(*[out_dir / f"{split}.h5" for split in p["splits"]],
-                   *[out_dir / f"clipscore_{split}.h5" for split in score_splits])
+    remove_outputs(*[OUT / f"{split}.h5" for split in p.splits],
+                   *[OUT / f"clipscore_{split}.h5" for split in p.clipscore_splits])
     for split, paths in images.items():
         t0 = time.perf_counter()
-        skipped = write_features(out_dir / f"{split}.h5", encoder, paths, eid, desc=split, **common)
+        skipped = write_features(OUT / f"{split}.h5", encoder, paths, eid, desc=split, **common)
         dt = time.perf_counter() - t0
         print(f"{split}: {len(paths) - len(skipped)} images ({len(skipped)} skipped) -> "
-              f"{out_dir / f'{split}.h5'} in {dt:.1f} s ({len(paths) / dt:.1f} img/s)", file=sys.stderr)
+              f"{OUT / f'{split}.h5'} in {dt:.1f} s ({len(paths) / dt:.1f} img/s)", file=sys.stderr)
     del encoder
 
-    if score_splits:
-        mid = encoder_id(EncoderConfig(kind="clip", name=world["clip"]))
-        for split in score_splits:
-            out = out_dir / f"clipscore_{split}.h5"
+    if p.clipscore_splits:
+        mid = encoder_id(EncoderConfig(kind="clip", name=world.clip))
+        for split in p.clipscore_splits:
+            out = OUT / f"clipscore_{split}.h5"
             write_clip_embeddings(out, model, preprocess, images[split], mid,
                                   desc=f"clipscore {split}", **common)
             print(f"clipscore {split}: {out}", file=sys.stderr)

@@ -14,15 +14,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from models.config import int_at_least, load_params
-from models.errors import InputError, ParamsError
+from common.params import int_at_least, load_params
+from common.errors import InputError, ParamsError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_config(params_path, clip_override=None):
-    from models.zeroshot import ZeroShotConfig
+    from evaluation.zeroshot import ZeroShotConfig
     params_path = Path(params_path)
     params = load_params(params_path)
     if "zeroshot" not in params:
@@ -40,10 +40,10 @@ def load_config(params_path, clip_override=None):
 
 def run(img_dir, id2label_path, out_csv, cfg, batch_size=None, num_workers=None, params_path=None):
     """Returns the exit status; raises on fatal errors before anything is written."""
-    from models.atomic import check_writable
-    from models.clip_io import load_clip
-    from models.imageio import ImageFolderError, list_images
-    from models.zeroshot import classify, embed_images, read_id2label, write_predictions_csv
+    from common.atomic import check_writable
+    from evaluation.clip_io import load_clip
+    from common.imageio import ImageFolderError, list_images
+    from evaluation.zeroshot import classify, embed_images, read_id2label, write_predictions_csv
 
     out_csv = Path(out_csv)
     id2label = read_id2label(id2label_path)
@@ -75,7 +75,7 @@ def main(argv=None):
     ap.add_argument("--num-workers", type=int_at_least(0))
     args = ap.parse_args(argv)   # exits with 2 on a usage error
 
-    from models.device import resolve_device
+    from common.device import resolve_device
     try:
         cfg = load_config(args.params, args.clip)
         if args.device:

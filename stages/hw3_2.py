@@ -15,19 +15,18 @@ import os
 import sys
 from pathlib import Path
 
-from models.config import int_at_least
+from common.params import int_at_least
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None, workers=None):
-    from models.atomic import check_writable, write_json
-    from models.caption_folder import caption_folder
-    from models.decoding import DecodeConfig
-    from models.device import resolve_device
-    from models.imageio import ImageFolderError, list_images
-    from models.release import load_release
+    from common.atomic import check_writable, write_json
+    from inference.caption_folder import caption_folder
+    from common.device import resolve_device
+    from common.imageio import ImageFolderError, list_images
+    from inference.release import load_release
 
     out_json = Path(out_json)
     paths = list_images(img_dir, stream=sys.stderr)   # no folder, no images: fail before loading
@@ -36,11 +35,10 @@ def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None, w
     if workers is None:   # decoding JPEGs in parallel pays when a GPU does the rest
         workers = min(8, os.cpu_count() or 1) if device.startswith("cuda") else 0
     r = load_release(release, decoder_bin, device)
-    decode, default_batch = r.decode_settings()
-    decode = DecodeConfig.from_dict(decode, f"{release / 'selected.json'}: decode")
+    decode = r.decode_config({"batch_size": batch_size} if batch_size else None,
+                             f"{release / 'selected.json'}: decode")
     captions, skipped = caption_folder(paths, r.encoder, r.model, r.tokenizer, decode,
-                                       batch_size or default_batch, num_workers=workers,
-                                       device=device)
+                                       num_workers=workers, device=device)
     if not captions:
         raise ImageFolderError(f"{img_dir}: none of its {len(skipped)} image files could be read")
     write_json(out_json, captions)
@@ -62,7 +60,7 @@ def main(argv=None):
                     help="image decoding processes (default: up to 8 on a GPU, none on the CPU)")
     args = ap.parse_args(argv)
 
-    from models.errors import InputError
+    from common.errors import InputError
     try:
         return run(args.img_dir, args.out_json, args.decoder_bin, Path(args.release),
                    args.batch_size, args.device, args.workers)

@@ -23,16 +23,19 @@ def prefetch(release, params):
     """Load both models once; returns a line per model saying what was loaded. Any failure is
     raised as a PrefetchError naming the model: downloads fail in many ways (proxies, dropped
     connections, a gated repository), none of which should end in a traceback."""
-    from models.clip_io import load_clip
-    from models.encoders import build_encoder
-    from models.release import read_selected
+    from common.errors import InputError
+    from evaluation.clip_io import load_clip
+    from evaluation.encoders import build_encoder
+    from inference.release import read_selected
     from stages.hw3_1 import load_config
 
     def load(fn, arg, what=None):
         try:
             return fn(arg)
         except Exception as e:   # not BaseException: Ctrl-C still stops it
-            message = f"{type(e).__name__}: {' '.join(str(e).split())}"   # one line
+            message = " ".join(str(e).split())   # one line
+            if not isinstance(e, InputError):   # ours name the file and the problem already
+                message = f"{type(e).__name__}: {message}"
             raise PrefetchError(f"{what}: {message}" if what else message) from e
 
     _, encoder_config = load(read_selected, release)   # these errors name the file themselves

@@ -1,29 +1,39 @@
 """Score one variant's val captions: `python -m stages.score --variant lora`.
 
-Reads predictions/<variant>/val.json and the references <world.data_root>/p2_data/val.json.
-params.yaml:
-    world:  {data_root: ..., clip: ...}          # the hw3_data folder; CLIP for CLIPScore
-    score:
-      metrics: [cider, clipscore, bleu4, meteor, rougeL]
-      clip: null                # overrides world.clip
-      image_embeddings: null    # e.g. features/clipscore_val.h5 from the extract stage; null:
-                                # encode <data_root>/p2_data/images/val/{name}.jpg as the course does
-      batch_size: 64
-Also scores predictions/<variant>/val_blind.json, the blind baseline, as cider_blind.
+Reads predictions/<variant>/val.json and the references <world.data_root>/p2_data/val.json,
+params `world` and `score` (ScoreConfig). Also scores predictions/<variant>/val_blind.json, the blind baseline, as cider_blind.
 Writes metrics/<variant>.json (summary) and predictions/<variant>/val_scores.json (per image),
 each atomically.
 """
 import argparse
 import json
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from models.atomic import write_json
-from models.clip_io import load_clip
-from models.config import load_params
-from models.device import resolve_device
-from models.errors import run_stage
-from models.scoring import METRICS, load_predictions, load_references, score_captions
+from common.atomic import write_json
+from common.device import resolve_device
+from common.errors import run_stage
+from common.params import from_section, load_params
+from evaluation.clip_io import load_clip
+from evaluation.scoring import METRICS, load_predictions, load_references, score_captions
+from stages.world import World
+
+
+@dataclass
+class ScoreConfig:
+    metrics: list = field(default_factory=lambda: list(METRICS))
+    clip: Optional[str] = None  # None: world.clip
+    # the extract stage's features/clipscore_val.h5; None: encode the val JPEGs as the course does
+    image_embeddings: Optional[str] = None
+    batch_size: int = 64
+
+    def __post_init__(self):
+        bad = [m for m in self.metrics if m not in METRICS]
+        if bad or not self.metrics:
+            raise ValueError(f"score.metrics={self.metrics}: expected some of {list(METRICS)}")
+        if self.batch_size < 1:
+            raise ValueError(f"score.batch_size={self.batch_size}: must be at least 1")
 
 
 def main(argv=None):
@@ -33,30 +43,26 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     params = load_params(args.params)
-    world, cfg = params.get("world") or {}, params.get("score") or {}
-    if not world.get("data_root"):
-        sys.exit(f"{args.params}: needs world.data_root (the hw3_data folder)")
-    metrics = tuple(cfg.get("metrics") or METRICS)
-    p2 = Path(world["data_root"]) / "p2_data"
+    world = from_section(World, params.get("world"), f"{args.params}: world")
+    cfg = from_section(ScoreConfig, params.get("score"), f"{args.params}: score")
+    metrics = tuple(cfg.metrics)
     pred_file = Path("predictions") / args.variant / "val.json"
 
-    references = load_references(p2 / "val.json")
+    references = load_references(world.captions("val"))
     predictions = load_predictions(pred_file, references)
     model = preprocess = embeddings = None
     if "clipscore" in metrics:
-        clip_name = cfg.get("clip") or world.get("clip")
-        if not clip_name:
-            sys.exit(f"{args.params}: CLIPScore needs score.clip or world.clip")
+        clip_name = cfg.clip or world.clip
         model, preprocess = load_clip(clip_name, resolve_device())
-        if cfg.get("image_embeddings"):
-            from models.encoders import EncoderConfig, encoder_id
-            from models.features import read_embeddings
-            names, array = read_embeddings(cfg["image_embeddings"],
+        if cfg.image_embeddings:
+            from evaluation.encoders import EncoderConfig, encoder_id
+            from evaluation.features import read_embeddings
+            names, array = read_embeddings(cfg.image_embeddings,
                                            encoder_id(EncoderConfig(kind="clip", name=clip_name)))
             embeddings = (array, names)
     summary, per_image = score_captions(predictions, references, model, preprocess,
-                                        images_root=p2 / "images" / "val", embeddings=embeddings,
-                                        metrics=metrics, batch_size=int(cfg.get("batch_size", 64)))
+                                        images_root=world.image_dir("val"), embeddings=embeddings,
+                                        metrics=metrics, batch_size=cfg.batch_size)
     # The blind baseline: the same model captioning val with the images shuffled (stages/decode.py).
     blind_file = Path("predictions") / args.variant / "val_blind.json"
     blind, _ = score_captions(load_predictions(blind_file, references), references,

@@ -6,12 +6,16 @@ settings). `dvc pull select` fetches exactly this folder in the real world.
 """
 import argparse
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
-from models.atomic import atomic_dir, write_json
-from models.config import load_params
-from models.errors import InputError, read_json, run_stage
-from models.world import World
+from common.atomic import atomic_dir, write_json
+from captioning.decoding import DecodeConfig
+from common.errors import InputError, read_json, run_stage
+from common.params import from_section, load_params
+from stages.extract import ExtractConfig
+from stages.variants import read_variants
+from stages.world import World
 
 
 def best_variant(scores):
@@ -24,9 +28,12 @@ def main(argv=None):
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    world = World.from_params(params, args.params)
+    world = from_section(World, params.get("world"), f"{args.params}: world")
+    encoder = from_section(ExtractConfig, params.get("extract"), f"{args.params}: extract").encoder
+    decode = from_section(DecodeConfig, params.get("decode"), f"{args.params}: decode")
+    variants = read_variants(params, args.params)
     scores = {}
-    for variant in params["variants"]:
+    for variant in variants:
         path = Path("metrics") / f"{variant}.json"
         scores[variant] = read_json(path, f"missing: run `dvc repro score@{variant}`")
         if not isinstance(scores[variant], dict) or "cider" not in scores[variant]:
@@ -39,7 +46,7 @@ def main(argv=None):
         shutil.copy(world.vocab_bpe, tmp / "vocab.bpe")
         write_json(tmp / "selected.json", {
             "variant": chosen, "scores": scores[chosen],
-            "encoder": params["extract"]["encoder"], "decode": params["decode"],
+            "encoder": asdict(encoder), "decode": asdict(decode),
             "decoder_heads": world.decoder_heads})
     print(f"selected {chosen}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores[chosen].items()
                                              if k in ("cider", "clipscore")))

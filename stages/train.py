@@ -13,31 +13,18 @@ from pathlib import Path
 
 import torch
 
-from models.atomic import remove_outputs, write_json
-from models.bridges import BridgeConfig
-from models.captioner import Captioner, CaptionerConfig
-from models.config import from_section, load_params
-from models.device import resolve_device
-from models.errors import run_stage
-from models.features import FeatureFile
-from models.gpt2 import weights_id
-from models.peft import PeftConfig
-from models.training import CaptionPairs, TrainConfig, train
-from models.world import World
-
-
-def variant_config(params, source, variant, decoder, features, tokenizer):
-    if variant not in params["variants"]:
-        raise SystemExit(f"{source}: no variant {variant!r} under `variants:` "
-                         f"(have {sorted(params['variants'])})")
-    v = params["variants"][variant]
-    bridge = from_section(BridgeConfig, {**params["bridge"], "kind": v["bridge"]},
-                          f"{source}: bridge")
-    peft = from_section(PeftConfig, {**params["peft"], "method": v["peft"]}, f"{source}: peft")
-    return CaptionerConfig(
-        decoder=decoder.config, visual_width=features.width, visual_tokens=features.num_tokens,
-        bridge=bridge, peft=peft, encoder_id=features.encoder_id, tokenizer_id=tokenizer.identity,
-        decoder_id=weights_id(decoder))
+from captioning.captioner import Captioner, CaptionerConfig
+from captioning.gpt2 import load_course_checkpoint, weights_id
+from captioning.tokenizer import Tokenizer
+from common.atomic import remove_outputs, write_json
+from common.device import resolve_device
+from common.errors import run_stage
+from common.params import from_section, load_params
+from evaluation.features import FeatureFile
+from evaluation.scoring import load_references
+from stages.variants import variant_configs
+from stages.world import World
+from training.loop import CaptionPairs, TrainConfig, train
 
 
 def in_memory(path):
@@ -51,28 +38,32 @@ def main(argv=None):
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     params = load_params(args.params)
+    bridge, peft = variant_configs(params, args.params, args.variant)
+    train_config = from_section(TrainConfig, params.get("train"), f"{args.params}: train")
+    world = from_section(World, params.get("world"), f"{args.params}: world")
     checkpoint = Path("checkpoints") / args.variant / "model.safetensors"
     history_file = Path("plots") / "train" / f"{args.variant}.json"
     metrics_file = Path("metrics") / "train" / f"{args.variant}.json"
-    train_config = from_section(TrainConfig, params["train"], f"{args.params}: train")
-    world = World.from_params(params, args.params)
     device = torch.device(resolve_device())
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    tokenizer = world.tokenizer()
+    tokenizer = Tokenizer.from_files(world.encoder_json, world.vocab_bpe)
     train_file, train_tokens = in_memory("features/train.h5")
     val_file, val_tokens = in_memory("features/val.h5")
     val_file.require_encoder(train_file.encoder_id)
-    decoder = world.load_decoder()
-    config = variant_config(params, args.params, args.variant, decoder, train_file, tokenizer)
+    decoder = load_course_checkpoint(world.decoder, n_head=world.decoder_heads)
+    config = CaptionerConfig(
+        decoder=decoder.config, visual_width=train_file.width, visual_tokens=train_file.num_tokens,
+        bridge=bridge, peft=peft, encoder_id=train_file.encoder_id, tokenizer_id=tokenizer.identity,
+        decoder_id=weights_id(decoder))
     torch.manual_seed(train_config.seed)  # the new modules' initial weights
     model = Captioner(config, decoder)
     counts = model.parameter_counts()
     trainable = sum(t for t, _ in counts.values())
     print(f"{args.variant}: {trainable:,} trainable parameters")
 
-    train_pairs = CaptionPairs(train_tokens, world.references("train"), tokenizer)
-    val_pairs = CaptionPairs(val_tokens, world.references("val"), tokenizer)
+    train_pairs = CaptionPairs(train_tokens, load_references(world.captions("train")), tokenizer)
+    val_pairs = CaptionPairs(val_tokens, load_references(world.captions("val")), tokenizer)
     remove_outputs(checkpoint, history_file, metrics_file)
     start = time.time()
     history, best = train(model, train_pairs, val_pairs, tokenizer, train_config, checkpoint, device)

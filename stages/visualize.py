@@ -5,10 +5,9 @@ selected variant, caption it with release/ (its checkpoint, tokenizer and decodi
 capturing the attention over the image tokens, and draw the course's grid: the image and one
 heatmap per word, the end token last. Also draws the encoder's positional-embedding similarity.
 
-Reads params `world` and `visualize` (models/attention_maps.py: AttentionMapConfig, plus
-`decode`: null = the released decoding settings, else overrides of them; `scene_params`: the
-params section of the demo scene generator, used to tell which object each shape word looks at).
-Image tokens come from the feature cache (features/p3.h5, features/val.h5), as in the decode
+Reads params `world` and `visualize` (stages.params.VisualizeConfig: the attention maps'
+settings, overrides of the released decoding settings, and `objects`, a JSON file of what the
+p3 images show, with which the summary tells which object each shape word looks at). Image tokens come from the feature cache (features/p3.h5, features/val.h5), as in the decode
 stage, so the captions are the pipeline's own.
 
 Writes figures/attention/ whole: <p3 name>.png, val_best.png, val_worst.png, summary.json;
@@ -17,26 +16,30 @@ and figures/pos_embed_similarity.png.
 import argparse
 import dataclasses
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from demo.scenes import SHAPE_WORDS
-from models.atomic import atomic_dir, write_json
-from models.attention_maps import (AttentionMapConfig, caption_with_maps, encoder_view,
-                                   plot_attention_grid)
-from models.attention_summary import (count_hits, demo_p3_objects, describe_peak,
-                                      shape_vocabulary, shape_words_report)
-from models.config import load_params
-from models.decoding import DecodeConfig
-from models.device import resolve_device
-from models.errors import read_json, run_stage
-from models.features import FeatureFile
-from models.imageio import list_images, load_rgb
-from models.pos_embed import patch_positional_embeddings, plot_similarity_grid
-from models.release import load_release
-from models.world import World
+from common.atomic import atomic_dir, write_json
+from common.device import resolve_device
+from common.errors import read_json, run_stage
+from common.imageio import list_images, load_rgb
+from evaluation.features import FeatureFile
+from inference.release import load_release
+from reporting.attention_maps import AttentionMapConfig, caption_with_maps, encoder_view, plot_attention_grid
+from reporting.attention_summary import count_hits, describe_peak, shape_vocabulary, shape_words_report
+from common.params import from_section, load_params
+from reporting.pos_embed import patch_positional_embeddings, plot_similarity_grid
+from stages.world import World
 
 OUT = Path("figures/attention")
 POS_EMBED = Path("figures/pos_embed_similarity.png")
+
+
+@dataclass
+class VisualizeConfig(AttentionMapConfig):
+    decode: dict = field(default_factory=dict)  # overrides of the released decoding settings
+    objects: Optional[str] = None  # JSON of what the p3 images show (demo.scenes.p3_objects)
 
 
 def image_paths(folder):
@@ -75,22 +78,21 @@ def main(argv=None):
     ap.add_argument("--release", default="release")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    world = World.from_params(params, args.params)
-    section = dict(params.get("visualize") or {})
-    decode_override = section.pop("decode", None) or {}
-    scene_section = section.pop("scene_params", "demo_data")
-    map_config = AttentionMapConfig.from_dict(section, source=f"{args.params}: visualize")
+    world = from_section(World, params.get("world"), f"{args.params}: world")
+    settings = from_section(VisualizeConfig, params.get("visualize"), f"{args.params}: visualize")
+    map_config = AttentionMapConfig(**{f.name: getattr(settings, f.name)
+                                       for f in dataclasses.fields(AttentionMapConfig)})
     device = resolve_device()
 
     release = load_release(Path(args.release), world.decoder, device)
     model, tokenizer, encoder, selected = (release.model, release.tokenizer, release.encoder,
                                            release.selected)
-    decode, _ = release.decode_settings()
-    decode_config = DecodeConfig.from_dict({**decode, **decode_override},
-                                           f"{args.params}: visualize.decode")
+    decode_config = release.decode_config(settings.decode, f"{args.params}: visualize.decode")
     variant = selected["variant"]
+    known = read_json(settings.objects, "missing: set visualize.objects to the file of what the "
+                      "p3 images show, or to null") if settings.objects else {}
     draw = Drawer(model, tokenizer, encoder, decode_config, map_config,
-                  shape_vocabulary(SHAPE_WORDS))
+                  shape_vocabulary(known.get("shape_words", {})))
 
     p3 = FeatureFile("features/p3.h5")
     val = FeatureFile("features/val.h5")
@@ -98,7 +100,7 @@ def main(argv=None):
         f.require_encoder(model.config.encoder_id)
     p3_dir = world.image_dir("p3")
     p3_paths = image_paths(p3_dir)
-    objects = demo_p3_objects(p3_dir, params.get(scene_section))
+    objects = known.get("images")
     scores_path = Path("predictions") / variant / "val_scores.json"
     rerun = f"run the score stage of the selected variant {variant}"
     scores = read_json(scores_path, f"missing: {rerun}")

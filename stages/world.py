@@ -1,4 +1,5 @@
-"""Switch params.yaml between the demo world and the course's real world.
+"""The `world:` section of params.yaml, and the command that switches it between the demo world
+and the course's real world:
 
     python -m stages.world real --data-root /path/to/hw3_data
     python -m stages.world demo
@@ -8,12 +9,32 @@ keys are kept); then `dvc repro` re-runs what depends on the changed values.
 """
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from ruamel.yaml import YAML
+from common.atomic import atomic_open
+from common.errors import run_stage
 
-from models.atomic import atomic_open
-from models.errors import run_stage
+
+@dataclass
+class World:
+    """Where the data and the pretrained weights are: the demo world and the course's real world
+    differ only here (README, "The two worlds")."""
+    data_root: str
+    decoder: str  # decoder_model.bin in the course format
+    decoder_heads: int  # GPT-2's head count cannot be read off its tensors
+    encoder_json: str
+    vocab_bpe: str
+    clip: str  # CLIP for zero-shot and CLIPScore: a name ("ViT-B/32") or a state-dict file
+
+    def captions(self, split):
+        """The captions file of p2 split `split` (train, val)."""
+        return Path(self.data_root) / "p2_data" / f"{split}.json"
+
+    def image_dir(self, split):
+        if split == "p3":
+            return Path(self.data_root) / "p3_data" / "images"
+        return Path(self.data_root) / "p2_data" / "images" / split
 
 
 def merge(target, overrides, fill):
@@ -41,6 +62,7 @@ def main(argv=None):
         for part in ("p1_data", "p2_data", "p3_data"):
             if not (root / part).is_dir():
                 sys.exit(f"{root}: no {part}/ inside: not the course's hw3_data folder")
+    from ruamel.yaml import YAML   # DVC's own YAML library: it keeps comments and layout
     yaml = YAML()
     yaml.preserve_quotes = True
     params = yaml.load(Path(args.params).read_text(encoding="utf-8"))

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from models.atomic import write_json
-from models.clip_io import load_clip
-from models.config import load_params
-from models.errors import run_stage
-from models.imageio import list_images, load_rgb
-from models import zeroshot as zs
+from common.atomic import write_json
+from evaluation.clip_io import load_clip
+from common.params import from_section, load_params
+from common.errors import run_stage
+from common.imageio import list_images, load_rgb
+from evaluation import zeroshot as zs
+from stages.world import World
 
 METRICS = Path("metrics/zeroshot.json")
 DETAILS = Path("metrics/zeroshot_classes.json")
@@ -42,9 +43,8 @@ def main(argv=None):
     cfg = zs.ZeroShotConfig.from_params(params.get("zeroshot"), args.params)
     torch.manual_seed(cfg.seed)
 
-    data_root = cfg.data_root or params.get("world", {}).get("data_root")
-    if not data_root:
-        sys.exit(f"{args.params}: set zeroshot.data_root or world.data_root (the hw3_data folder)")
+    data_root = cfg.data_root or from_section(World, params.get("world"),
+                                              f"{args.params}: world").data_root
     p1 = Path(data_root) / "p1_data"
     id2label = zs.read_id2label(p1 / "id2label.json")
     paths = list_images(p1 / cfg.split, stream=sys.stderr)

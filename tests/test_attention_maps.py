@@ -15,22 +15,22 @@ from PIL import Image
 from tokenizers.pre_tokenizers import ByteLevel
 from torchvision import transforms as T
 
-from models.attention_maps import (AttentionMapConfig, WordMaps, encoder_view, group_tokens,
+from reporting.attention_maps import (AttentionMapConfig, WordMaps, encoder_view, group_tokens,
                                    merge_groups, patch_maps, peak, plot_attention_grid,
                                    reduce_attention, select_layers, upsample)
-from models.attention_summary import (count_hits, demo_p3_objects, shape_vocabulary,
+from reporting.attention_summary import (count_hits, shape_vocabulary,
                                       shape_words_report)
-from models.bridges import BridgeConfig
-from models.captioner import Captioner, CaptionerConfig
-from models.checkpoint import save_trainable
-from models.encoders import EncoderConfig, build_encoder, encoder_id
-from models.features import write_features
-from models.gpt2 import GPT2, GPT2Config, course_state_dict, load_course_checkpoint
-from models.peft import PeftConfig
-from models.pos_embed import (cosine_similarity_matrix, patch_positional_embeddings,
+from captioning.bridges import BridgeConfig
+from captioning.captioner import Captioner, CaptionerConfig
+from captioning.checkpoint import save_trainable
+from evaluation.encoders import EncoderConfig, build_encoder, encoder_id
+from evaluation.features import write_features
+from captioning.gpt2 import GPT2, GPT2Config, course_state_dict, load_course_checkpoint
+from captioning.peft import PeftConfig
+from reporting.pos_embed import (cosine_similarity_matrix, patch_positional_embeddings,
                               plot_similarity_grid)
-from models.report import ReportError
-from models.tokenizer import EOT, Tokenizer
+from reporting.report import ReportError
+from captioning.tokenizer import EOT, Tokenizer
 
 GRID = (4, 5)  # rows, columns: not square, so a transposed reshape cannot pass
 PATCH = 10  # pixels per patch side: the image is 40 x 50 (H x W)
@@ -80,12 +80,11 @@ def test_layer_selection_and_reductions():
     assert select_layers("all", blocks, 4) == [0, 1]
     assert select_layers("last", blocks, 4) == [1]
     assert select_layers(3, blocks, 4) == [1] and select_layers(-1, blocks, 4) == [1]
-    assert select_layers([0, 2], blocks, 4) == [0]
-    assert select_layers([-2, -1], blocks, 4) == [1] and select_layers([0, -1], blocks, 4) == [0, 1]
-    with pytest.raises(ValueError, match="block 0 has no attention over the image"):
+    assert select_layers([3, 1], blocks, 4) == [0, 1] and select_layers([-1, 3], blocks, 4) == [1]
+    with pytest.raises(ValueError, match=r"block\(s\) \[0\] have no attention over the image"):
         select_layers(0, blocks, 4)
-    with pytest.raises(ValueError, match="no block in that range"):
-        select_layers([2, 2], blocks, 4)
+    with pytest.raises(ValueError, match=r"visualize.layers \[4\] outside the decoder's 4 blocks"):
+        select_layers([1, 4], blocks, 4)
     att = torch.zeros(1, 2, 2, 3)
     att[0, 0, 0] = torch.tensor([1.0, 0, 0])
     att[0, 0, 1] = torch.tensor([0, 3.0, 0])
@@ -231,8 +230,8 @@ def make_pipeline(root, clip_path, bridge, peft):
     images, a tiny GPT-2 in the course format, a released checkpoint, feature files, scores."""
     from demo import scenes
     data = root / "hw3_data"
-    scene_cfg = {"image_size": 32, "seed": 3}
-    cfg = scenes.SceneConfig.from_dict(scene_cfg)
+    cfg = scenes.SceneConfig(image_size=32, seed=3)
+    (root / "p3_objects.json").write_text(json.dumps(scenes.p3_objects(cfg)))
     for i, name in enumerate(scenes.P3_NAMES):
         save_jpeg(scenes.render_scene(cfg, scenes.rng_for(cfg.seed, "p3", i)).image,
                   data / "p3_data" / "images" / f"{name}.jpg")
@@ -256,14 +255,14 @@ def make_pipeline(root, clip_path, bridge, peft):
     torch.save(course_state_dict(gpt), data / "p2_data" / "decoder_model.bin")
     enc_cfg = {"kind": "clip", "name": str(clip_path)}
     encoder = build_encoder(enc_cfg)
-    eid = encoder_id(EncoderConfig.from_dict(enc_cfg))
+    eid = encoder_id(EncoderConfig(**enc_cfg))
     for split, folder in (("p3", data / "p3_data" / "images"),
                           ("val", data / "p2_data" / "images" / "val")):
         write_features(root / "features" / f"{split}.h5", encoder, sorted(folder.glob("*.jpg")), eid)
     decoder = load_course_checkpoint(data / "p2_data" / "decoder_model.bin", n_head=2)
     config = CaptionerConfig(decoder=decoder.config, visual_width=encoder.width,
-                             visual_tokens=encoder.num_tokens, bridge=BridgeConfig(kind=bridge),
-                             peft=PeftConfig(method=peft, rank=2, prefix_length=3),
+                             visual_tokens=encoder.num_tokens, bridge=BridgeConfig.of(bridge),
+                             peft=PeftConfig.of(peft, **({"rank": 2} if peft == "lora" else {"length": 3})),
                              encoder_id=eid, tokenizer_id=tok.identity)
     model = Captioner(config, decoder)
     with torch.no_grad():
@@ -284,14 +283,14 @@ def make_pipeline(root, clip_path, bridge, peft):
     params = {"world": {"data_root": str(data), "decoder": str(data / "p2_data" / "decoder_model.bin"),
                         "decoder_heads": 2, "encoder_json": str(data / "p2_data" / "encoder.json"),
                         "vocab_bpe": str(data / "p2_data" / "vocab.bpe"), "clip": str(clip_path)},
-              "demo_data": scene_cfg,
               "visualize": {"layers": "all", "head_reduce": "mean", "layer_reduce": "mean",
-                            "word_merge": "mean", "decode": {"max_new_tokens": 9}}}
+                            "word_merge": "mean", "decode": {"max_new_tokens": 9},
+                            "objects": "p3_objects.json"}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return model, tok
 
 
-@pytest.mark.parametrize("bridge,peft", [("cross", "lora"), ("prefix", "prefix")])
+@pytest.mark.parametrize("bridge,peft", [("cross", "lora"), ("visual_prefix", "prefix_tuning")])
 def test_visualize_stage_draws_every_word_for_both_bridge_kinds(tmp_path, clip_path, bridge, peft,
                                                                 monkeypatch):
     from stages import visualize
@@ -321,7 +320,7 @@ def test_visualize_stage_draws_every_word_for_both_bridge_kinds(tmp_path, clip_p
 
 
 def test_visualize_names_a_corrupt_scores_file_and_writes_nothing(tmp_path, clip_path, monkeypatch):
-    from models.errors import InputError
+    from common.errors import InputError
     from stages import visualize
     monkeypatch.chdir(tmp_path)
     make_pipeline(tmp_path, clip_path, "cross", "lora")
@@ -329,14 +328,6 @@ def test_visualize_names_a_corrupt_scores_file_and_writes_nothing(tmp_path, clip
     with pytest.raises(InputError, match=r"val_scores\.json: not valid JSON"):
         visualize.main([])
     assert not (tmp_path / "figures").exists()
-
-
-def test_demo_objects_are_refused_for_images_that_are_not_the_scenes(tmp_path):
-    from demo import scenes
-    folder = tmp_path / "p3"
-    for name in scenes.P3_NAMES:
-        save_jpeg(Image.new("RGB", (32, 32), (200, 10, 10)), folder / f"{name}.jpg")
-    assert demo_p3_objects(folder, {"image_size": 32}) is None
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -348,7 +339,7 @@ def fabricate_outputs(root, cider=0.8123):
         p.write_text(json.dumps(obj))
 
     variants = {"lora": {"bridge": "gated_cross", "peft": "lora"},
-                "prefix_bridge": {"bridge": "prefix", "peft": "prompt"}}
+                "prefix_bridge": {"bridge": "visual_prefix", "peft": "prompt_tuning"}}
     for i, v in enumerate(variants):
         write(f"metrics/{v}.json", {"cider": cider - i / 10, "clipscore": 0.6543,
                                     "bleu4": 0.2, "meteor": 0.21, "rougeL": 0.45,
@@ -376,10 +367,10 @@ def fabricate_outputs(root, cider=0.8123):
                                  "peak_on_named_shape": True}]}],
         "val": {}, "shape_word_hits": {"shape_words": 7, "peak_on_named_shape": 5,
                                        "most_attention_on_named_shape": 6, "named_shape_in_image": 7}})
-    (root / "worlds").mkdir()
-    (root / "worlds" / "demo.yaml").write_text(yaml.safe_dump({"world": {"data_root": "data/demo/hw3_data"}}))
     params = {"world": {"data_root": "data/demo/hw3_data"}, "variants": variants,
-              "peft": {"rank": 8}}
+              "peft": {"lora": {"rank": 8}},
+              "report": {"note": "These numbers are not comparable with the course's.",
+                         "world_metrics": ["metrics/demo_gpt2.json"]}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return params
 
@@ -392,7 +383,7 @@ def test_report_renders_every_section_from_the_pipeline_outputs(tmp_path, monkey
     page = (tmp_path / "report" / "README.md").read_text()
     for text in ("0.812", "0.712", "0.654", "0.111", "123,456", "10.0 min", "0.4567", "0.5012",
                  "`a photo of a {}.`", "a red box", "not comparable", "1.2345",
-                 "dvc exp run -S peft.rank=16", "for 5, the object", "rank: 8",
+                 "dvc exp run -S peft.lora.rank=16", "for 5, the object", "rank: 8",
                  "| bike | box | (2, 3) | red square at (40, 30) |"):
         assert text in page, text
     for rel in ("figures/training_curves.png", "figures/variant_scores.png",

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from models.bridges import BRIDGES, BridgeConfig
-from models.captioner import Captioner, CaptionerConfig, build_on_meta
-from models.checkpoint import load_captioner, load_trainable, read_checkpoint, save_trainable
-from models.gpt2 import (GPT2, CheckpointError, GPT2Config, course_state_dict,
+from captioning.bridges import BRIDGES, BridgeConfig
+from captioning.captioner import Captioner, CaptionerConfig, build_on_meta
+from captioning.checkpoint import load_captioner, load_trainable, read_checkpoint, save_trainable
+from captioning.gpt2 import (GPT2, CheckpointError, GPT2Config, course_state_dict,
                          load_course_state_dict, weights_id)
-from models.peft import PeftConfig
-from models.tokenizer import caption_batch
+from captioning.peft import PeftConfig
+from captioning.tokenizer import caption_batch
 from scripts.param_table import LIMIT, markdown, parameter_table
 
 torch.set_num_threads(1)
@@ -40,18 +40,18 @@ DECODER = GPT2Config(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=1
 EOT = 96
 VISUAL_WIDTH, VISUAL_TOKENS = 24, 5
 ALL_LORA_TARGETS = ["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"]
-VARIANTS = {
-    "lora": dict(method="lora", rank=2),  # default targets: c_attn q and v (MergedLinear)
-    "lora_all": dict(method="lora", rank=2, lora_targets=ALL_LORA_TARGETS, lora_qkv=[True, True, True]),
-    "adapter": dict(method="adapter", adapter_size=4),
-    "prefix": dict(method="prefix", prefix_length=3),
-    "prefix_mlp": dict(method="prefix", prefix_length=3, prefix_hidden=8),
-    "prompt": dict(method="prompt", prompt_length=3),
-    "adaption": dict(method="adaption", adaption_length=3),
-    "none": dict(method="none"),
+VARIANTS = {   # name -> (PEFT method, its settings)
+    "lora": ("lora", dict(rank=2)),  # default targets: c_attn q and v (MergedLinear)
+    "lora_all": ("lora", dict(rank=2, targets=ALL_LORA_TARGETS, qkv=[True, True, True])),
+    "adapter": ("adapter", dict(size=4)),
+    "prefix_tuning": ("prefix_tuning", dict(length=3)),
+    "prefix_mlp": ("prefix_tuning", dict(length=3, hidden=8)),
+    "prompt_tuning": ("prompt_tuning", dict(length=3)),
+    "adaption_prompt": ("adaption_prompt", dict(length=3)),
+    "none": ("none", {}),
 }
-ZERO_INIT = ["lora", "lora_all", "adapter", "adaption"]  # promise PEFT identity at init
-NOT_ZERO_INIT = ["prefix", "prefix_mlp", "prompt"]
+ZERO_INIT = ["lora", "lora_all", "adapter", "adaption_prompt"]  # promise PEFT identity at init
+NOT_ZERO_INIT = ["prefix_tuning", "prefix_mlp", "prompt_tuning"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def fresh_decoder(sd):
 
 def config(bridge, variant, **bridge_kw):
     return CaptionerConfig(decoder=DECODER, visual_width=VISUAL_WIDTH, visual_tokens=VISUAL_TOKENS,
-                           bridge=BridgeConfig(kind=bridge, **bridge_kw), peft=PeftConfig(**VARIANTS[variant]),
+                           bridge=BridgeConfig.of(bridge, **bridge_kw), peft=PeftConfig.of(*VARIANTS[variant][:1], **VARIANTS[variant][1]),
                            encoder_id="test-vit", tokenizer_id="test-bpe")
 
 
@@ -124,7 +124,8 @@ def test_forward_backward_save_reload(course_sd, bridge, variant, tmp_path):
         else:
             assert p.grad is None, name
     assert not any(n.startswith("decoder.") and "lora_" not in n and ".cross." not in n
-                   and "adapter_" not in n and ".adaption." not in n for n in trainable_names(model))
+                   and ".after_" not in n and ".extra_attention." not in n
+                   for n in trainable_names(model))
     counts = model.parameter_counts()
     assert sum(t for t, _ in counts.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -209,7 +210,7 @@ def test_gated_cross_bridge_starts_as_the_frozen_decoder(course_sd, variant):
         assert not torch.allclose(logits_of(model, visual, ids), text_only)
 
 
-@pytest.mark.parametrize("bridge,variant", [("cross", "none"), ("prefix", "none")]
+@pytest.mark.parametrize("bridge,variant", [("cross", "none"), ("visual_prefix", "none")]
                          + [("gated_cross", v) for v in NOT_ZERO_INIT])
 def test_methods_that_do_not_promise_unchanged_logits(course_sd, bridge, variant):
     """See the module note: these change the frozen decoder's logits from the first step."""
@@ -219,7 +220,7 @@ def test_methods_that_do_not_promise_unchanged_logits(course_sd, bridge, variant
         assert not torch.allclose(logits_of(model, visual, ids), fresh_decoder(course_sd)(ids), atol=1e-3)
 
 
-@pytest.mark.parametrize("bridge,variant", [(b, v) for b in BRIDGES for v in ("none", "prompt", "prefix")])
+@pytest.mark.parametrize("bridge,variant", [(b, v) for b in BRIDGES for v in ("none", "prompt_tuning", "prefix_tuning")])
 def test_loss_layout_and_no_shift_by_prefixes(course_sd, bridge, variant):
     input_ids = torch.tensor([[EOT, 5, 6, 7, EOT], [EOT, 8, EOT, EOT, EOT]])
     targets = torch.tensor([[5, 6, 7, EOT, -100], [8, EOT, -100, -100, -100]])
@@ -244,7 +245,7 @@ def test_loss_layout_and_no_shift_by_prefixes(course_sd, bridge, variant):
             assert (out[:, t] - logits[:, t]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("bridge,variant", [(b, v) for b in BRIDGES for v in ("lora", "prompt", "adapter")])
+@pytest.mark.parametrize("bridge,variant", [(b, v) for b in BRIDGES for v in ("lora", "prompt_tuning", "adapter")])
 def test_captions_sharing_an_image_equal_the_image_repeated(course_sd, bridge, variant):
     """Training batches give each image once with the image of every caption (image_index): the
     loss and every gradient are those of the batch with each caption's image tokens repeated."""
@@ -278,7 +279,7 @@ def test_captions_sharing_an_image_equal_the_image_repeated(course_sd, bridge, v
         model.loss(images, ids, targets, image_index[:, None])
 
 
-@pytest.mark.parametrize("bridge,variant", [("cross", "lora"), ("prefix", "prefix"), ("gated_cross", "prompt")])
+@pytest.mark.parametrize("bridge,variant", [("cross", "lora"), ("visual_prefix", "prefix_tuning"), ("gated_cross", "prompt_tuning")])
 def test_cached_decoding_equals_full_forward(course_sd, bridge, variant):
     model = perturb(build(course_sd, bridge, variant)).eval()
     visual, ids, _ = batch()
@@ -299,18 +300,18 @@ def test_cached_decoding_equals_full_forward(course_sd, bridge, variant):
         assert first.shape[1] == 4
 
 
-@pytest.mark.parametrize("variant", ["none", "prefix", "prompt"])
+@pytest.mark.parametrize("variant", ["none", "prefix_tuning", "prompt_tuning"])
 def test_visual_key_span_points_at_the_image_tokens(course_sd, variant):
     """Self-attention keys are [prefix-tuning P | image V | soft prompt | text]."""
-    model = perturb(build(course_sd, "prefix", variant))
+    model = perturb(build(course_sd, "visual_prefix", variant))
     visual, ids, _ = batch()
     with torch.no_grad():
         ctx = model.context(visual)
         _, attentions = model(ctx, ids, capture=True)
         start, end = model.visual_key_span()
         assert end - start == VISUAL_TOKENS
-        n_prefix = 3 if variant == "prefix" else 0
-        n_prompt = 3 if variant == "prompt" else 0
+        n_prefix = 3 if variant == "prefix_tuning" else 0
+        n_prompt = 3 if variant == "prompt_tuning" else 0
         assert start == n_prefix
         self_att = attentions[0][0]
         assert self_att.shape[-1] == n_prefix + VISUAL_TOKENS + n_prompt + ids.size(1)
@@ -329,7 +330,7 @@ def test_visual_key_span_points_at_the_image_tokens(course_sd, variant):
         a, b = relative(self_att), relative(other_att[0][0])
         torch.testing.assert_close(a[:, outside], b[:, outside], atol=1e-5, rtol=0)
         assert (a[:, start:end] - b[:, start:end]).abs().amax(0).min() > 1e-4
-    assert build(course_sd, "cross", "prefix").visual_key_span() is None
+    assert build(course_sd, "cross", "prefix_tuning").visual_key_span() is None
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -377,7 +378,7 @@ def test_load_captioner_from_files(course_sd, lora_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("change,field", [
-    (dict(variant="lora", bridge="cross", rank=3), "peft.rank: 2 != 3"),
+    (dict(variant="lora", bridge="cross", rank=3), "peft.lora.rank: 2 != 3"),
     (dict(variant="lora_all", bridge="gated_cross"), "bridge.kind: 'cross' != 'gated_cross'"),
     (dict(variant="adapter", bridge="cross"), "peft.method: 'lora' != 'adapter'"),
 ])
@@ -386,8 +387,8 @@ def test_checkpoint_of_another_config_is_refused(course_sd, lora_checkpoint, cha
     change = dict(change)
     cfg = config(change.pop("bridge"), change.pop("variant"))
     if "rank" in change:
-        cfg.peft.rank = change.pop("rank")
-        cfg.peft.lora_targets, cfg.peft.lora_qkv = ALL_LORA_TARGETS, [True, True, True]
+        cfg.peft.lora.rank = change.pop("rank")
+        cfg.peft.lora.targets, cfg.peft.lora.qkv = ALL_LORA_TARGETS, [True, True, True]
     model = Captioner(cfg, fresh_decoder(course_sd))
     with pytest.raises(CheckpointError) as e:
         load_trainable(model, path)
@@ -487,9 +488,9 @@ def test_a_decoder_serves_one_captioner_only(course_sd):
     with pytest.raises(ValueError, match="already carries a bridge or PEFT modules"):
         Captioner(config("gated_cross", "adapter"), decoder)
     decoder = fresh_decoder(course_sd)
-    Captioner(config("prefix", "prefix"), decoder)  # prefix tuning leaves hooks in the decoder
-    with pytest.raises(ValueError, match="attn.prefix"):
-        Captioner(config("prefix", "none"), decoder)
+    Captioner(config("visual_prefix", "prefix_tuning"), decoder)  # a hook in the decoder
+    with pytest.raises(ValueError, match="past_kv"):
+        Captioner(config("visual_prefix", "none"), decoder)
 
 
 def test_decoder_of_another_size_is_refused(course_sd):
@@ -502,18 +503,19 @@ def test_decoder_of_another_size_is_refused(course_sd):
 def test_cross_attention_in_chosen_layers_only(course_sd):
     model = build(course_sd, "gated_cross", "none", layers=[1])
     assert model.decoder.h[0].cross is None and model.decoder.h[1].cross is not None
-    with pytest.raises(ValueError, match=r"bridge.layers \[2\] outside the decoder's 2 blocks"):
+    with pytest.raises(ValueError, match=r"bridge layers \[2\] outside the decoder's 2 blocks"):
         build(course_sd, "cross", "none", layers=[2])
     # written in any order or twice: block order, as decoding captures the attention rows
-    assert BridgeConfig(layers=[1, 0, 1]).cross_layers(2) == [0, 1]
+    assert BridgeConfig.of("cross", layers=[1, 0, 1]).cross_layers(2) == [0, 1]
+    assert BridgeConfig.of("cross", layers=-1).cross_layers(2) == [1]
 
 
 @pytest.mark.parametrize("enable", [[True, False, True], [True, True, True], [False, True, False]])
 def test_low_rank_lora_forward_equals_loralibs(enable):
-    """models.peft.lora.MergedLinear only computes loralib's update another way: (x A^T) B^T per
+    """captioning.peft.lora.MergedLinear only computes loralib's update another way: (x A^T) B^T per
     enabled part instead of the dense B@A placed by a boolean mask. Same outputs and gradients."""
     import loralib
-    from models.peft.lora import MergedLinear
+    from captioning.peft.lora import MergedLinear
     torch.manual_seed(0)
     layer = MergedLinear(12, 18, r=2, lora_alpha=3, enable_lora=enable, merge_weights=False).double()
     with torch.no_grad():  # float64: the two orders of summation agree to ~1e-15
@@ -545,8 +547,8 @@ GPT2_SMALL_PARAMETERS = 124_439_808  # wte 50257x768 + wpe 1024x768 + 12 blocks 
 
 def test_every_default_variant_fits_the_course_budget_at_real_size():
     rows = parameter_table()
-    assert {(r["bridge"], r["method"]) for r in rows} == {(b, v["method"]) for b in BRIDGES
-                                                        for v in VARIANTS.values()}
+    assert {(r["bridge"], r["method"]) for r in rows} == {(b, m) for b in BRIDGES
+                                                        for m, _ in VARIANTS.values()}
     for r in rows:
         assert r["trainable"] < LIMIT, r
         assert r["frozen"] == GPT2_SMALL_PARAMETERS, r
@@ -556,12 +558,13 @@ def test_every_default_variant_fits_the_course_budget_at_real_size():
     cross_block = 2 * C + linear(C, C) + linear(C, 2 * C) + linear(C, C)  # ln, q, kv, proj
     assert by["cross", "none"]["trainable"] == L * cross_block + linear(D, C) + 2 * C
     assert by["gated_cross", "none"]["trainable"] == by["cross", "none"]["trainable"] + L
-    assert by["prefix", "none"]["trainable"] == linear(D, 2 * C) + linear(2 * C, C)
-    assert by["prefix", "lora"]["parts"]["lora"] == L * (2 * 8 * C + 2 * C * 8)  # q and v, rank 8
-    assert by["prefix", "adapter"]["parts"]["adapters"] == L * 2 * (linear(C, 64) + linear(64, C))
-    assert by["prefix", "prefix"]["parts"]["prefix tuning"] == 10 * L * 2 * C
-    assert by["prefix", "prompt"]["parts"]["prompt tuning"] == 10 * C
-    assert by["prefix", "adaption"]["parts"]["adaption prompt"] == L * (10 * C + 12)
+    prefix = "visual_prefix"
+    assert by[prefix, "none"]["trainable"] == linear(D, 2 * C) + linear(2 * C, C)
+    assert by[prefix, "lora"]["parts"]["lora"] == L * (2 * 8 * C + 2 * C * 8)  # q and v, rank 8
+    assert by[prefix, "adapter"]["parts"]["adapters"] == L * 2 * (linear(C, 64) + linear(64, C))
+    assert by[prefix, "prefix_tuning"]["parts"]["prefix tuning"] == 10 * L * 2 * C
+    assert by[prefix, "prompt_tuning"]["parts"]["prompt tuning"] == 10 * C
+    assert by[prefix, "adaption_prompt"]["parts"]["adaption prompt"] == L * (10 * C + 12)
     table = markdown(rows)
     assert table.count("\n") == len(rows) + 1 and "**NO**" not in table
 
@@ -579,7 +582,7 @@ def test_builds_under_a_default_device(bridge, variant, device):
 
 
 def test_soft_prompt_starts_from_vocabulary_rows(course_sd):
-    model = build(course_sd, "cross", "prompt")
+    model = build(course_sd, "cross", "prompt_tuning")
     wte = model.decoder.wte.weight
     for row in model.soft_prompt.embeds:
         assert (wte == row).all(dim=1).any()

@@ -1,5 +1,6 @@
 """Decoding on tiny captioners: the cached batched decoder against the naive reference, beam
 search against greedy, sampling, attention capture, and CLIP-safe caption text."""
+import dataclasses
 import itertools
 
 import clip
@@ -8,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from tokenizers.pre_tokenizers import ByteLevel
 
-from models.bridges import BRIDGES, BridgeConfig
-from models.captioner import Captioner, CaptionerConfig
-from models.decoding import (DecodeConfig, cap_for_clip, caption_features, caption_text,
+from captioning.bridges import BRIDGES, BridgeConfig
+from captioning.captioner import Captioner, CaptionerConfig
+from captioning.decoding import (DecodeConfig, cap_for_clip, caption_features, caption_text,
                              clip_token_count, filter_logits, generate)
-from models.gpt2 import GPT2, GPT2Config
-from models.peft import PEFT_METHODS, PeftConfig
-from models.tokenizer import EOT, Tokenizer
+from captioning.gpt2 import GPT2, GPT2Config
+from captioning.peft import METHODS, PeftConfig
+from common.params import from_section
+from captioning.tokenizer import EOT, Tokenizer
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -30,14 +32,18 @@ EOT_ID = VOCAB - 1
 V_TOKENS, V_WIDTH = 5, 12
 
 
+SETTINGS = {"lora": dict(rank=4), "adapter": dict(size=8), "prefix_tuning": dict(length=3),
+            "prompt_tuning": dict(length=3), "adaption_prompt": dict(length=3)}
+
+
 def tiny_model(bridge="gated_cross", peft="lora", seed=0, vocab=VOCAB, cross_layers=()):
     torch.manual_seed(seed)
     decoder = GPT2(GPT2Config(vocab_size=vocab, block_size=64, n_layer=2, n_head=2, n_embd=32))
     config = CaptionerConfig(
         decoder=decoder.config, visual_width=V_WIDTH, visual_tokens=V_TOKENS,
-        bridge=BridgeConfig(kind=bridge, layers=list(cross_layers)),
-        peft=PeftConfig(method=peft, rank=4, adapter_size=8, prefix_length=3, prompt_length=3,
-                        adaption_length=3))
+        bridge=BridgeConfig.of(bridge, **({} if bridge == "visual_prefix" else
+                                           {"layers": list(cross_layers)})),
+        peft=PeftConfig.of(peft, **SETTINGS.get(peft, {})))
     model = Captioner(config, decoder)
     # Move every weight, zero-initialised ones (gates, lora_B, adapter up) included, well away
     # from its initial value, so that the bridge and the PEFT method change the outputs.
@@ -63,7 +69,7 @@ def teacher_forced_logprob(model, visual, tokens):
 GREEDY = DecodeConfig(method="greedy", max_new_tokens=12)
 
 
-@pytest.mark.parametrize("bridge,peft", list(itertools.product(BRIDGES, PEFT_METHODS)))
+@pytest.mark.parametrize("bridge,peft", list(itertools.product(BRIDGES, METHODS)))
 def test_cached_batched_greedy_equals_naive(bridge, peft):
     model, visual = tiny_model(bridge, peft), images()
     cached = generate(model, visual, GREEDY, EOT_ID)
@@ -79,8 +85,8 @@ def test_cached_batched_greedy_equals_naive(bridge, peft):
     assert generate(model, visual[2:3], GREEDY, EOT_ID)[0].tokens == cached[2].tokens
 
 
-@pytest.mark.parametrize("bridge,peft", [("cross", "prefix"), ("prefix", "prompt"),
-                                         ("gated_cross", "adaption"), ("prefix", "lora")])
+@pytest.mark.parametrize("bridge,peft", [("cross", "prefix_tuning"), ("visual_prefix", "prompt_tuning"),
+                                         ("gated_cross", "adaption_prompt"), ("visual_prefix", "lora")])
 def test_cached_beam_equals_naive_beam(bridge, peft):
     model, visual = tiny_model(bridge, peft), images(3)
     config = DecodeConfig(method="beam", beam_size=3, max_new_tokens=10)
@@ -97,7 +103,7 @@ def test_logprob_is_the_model_score_of_the_tokens():
                                               abs=1e-4)
 
 
-@pytest.mark.parametrize("bridge,peft", [("gated_cross", "lora"), ("prefix", "prefix"),
+@pytest.mark.parametrize("bridge,peft", [("gated_cross", "lora"), ("visual_prefix", "prefix_tuning"),
                                          ("cross", "none")])
 def test_beam_size_one_is_greedy(bridge, peft):
     model, visual = tiny_model(bridge, peft), images(5)
@@ -141,7 +147,7 @@ def test_min_new_tokens_forces_the_length():
 
 
 def test_sampling_is_reproducible_and_top1_is_greedy():
-    model, visual = tiny_model("prefix", "adapter"), images(4)
+    model, visual = tiny_model("visual_prefix", "adapter"), images(4)
     sample = lambda **kw: [h.tokens for h in generate(
         model, visual, DecodeConfig(method="sample", max_new_tokens=12, **kw), EOT_ID)]
     greedy = [h.tokens for h in generate(model, visual, GREEDY, EOT_ID)]
@@ -193,12 +199,12 @@ def one_pass_attention(model, visual, tokens):
     ctx = model.context(visual[None])
     with torch.no_grad():
         _, captured = model(ctx, ids, capture=True)
-    if model.config.bridge.kind != "prefix":   # cross-attention: [1, heads, T, V] per block
+    if model.config.bridge.kind != "visual_prefix":   # cross-attention: [1, heads, T, V] per block
         return torch.stack([torch.stack([cross[0, :, t] for _, cross in captured if cross is not None])
                             for t in range(ids.size(1))])
     # self-attention keys: [prefix-tuning keys | visual tokens | soft prompt | text]; queries:
     # [visual tokens | soft prompt | text]
-    start = model.config.peft.prefix_length if model.config.peft.method == "prefix" else 0
+    start = 3 if model.config.peft.method == "prefix_tuning" else 0
     n_prefix = ctx.prefix_embeds.size(1)
     return torch.stack([torch.stack([self_att[0, :, n_prefix + t, start:start + V_TOKENS]
                                      for self_att, _ in captured])
@@ -206,8 +212,8 @@ def one_pass_attention(model, visual, tokens):
 
 
 @pytest.mark.parametrize("bridge,peft,eot_boost", [
-    ("gated_cross", "lora", 10), ("cross", "adaption", 4), ("prefix", "prefix", 10),
-    ("prefix", "prompt", 10)])
+    ("gated_cross", "lora", 10), ("cross", "adaption_prompt", 4), ("visual_prefix", "prefix_tuning", 10),
+    ("visual_prefix", "prompt_tuning", 10)])
 def test_captured_attention_is_the_generating_steps_own(bridge, peft, eot_boost):
     """Every token's map is the attention of the step that generated it, in the beam that won
     (not another beam's, not the next step's), over the image's keys only (not prefix-tuning's
@@ -223,9 +229,9 @@ def test_captured_attention_is_the_generating_steps_own(bridge, peft, eot_boost)
                                        atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("peft", ["prefix", "prompt", "none"])
+@pytest.mark.parametrize("peft", ["prefix_tuning", "prompt_tuning", "none"])
 def test_captured_prefix_attention_shape(peft):
-    model, visual = tiny_model("prefix", peft), images(3)
+    model, visual = tiny_model("visual_prefix", peft), images(3)
     cached = generate(model, visual, GREEDY, EOT_ID, capture=True)
     naive = generate(model, visual, GREEDY, EOT_ID, capture=True, cached=False)
     for c, n in zip(cached, naive):
@@ -268,17 +274,17 @@ def test_caption_text_and_caption_features():
 
     model = tiny_model("gated_cross", "lora", vocab=tok.vocab_size)
     visual = images(5)
-    config = DecodeConfig(method="beam", beam_size=2, max_new_tokens=10)
+    config = DecodeConfig(method="beam", beam_size=2, max_new_tokens=10, batch_size=2)
     rows = [(f"img{i}", visual[i].half()) for i in range(5)]
-    by2 = caption_features(model, tok, iter(rows), config, batch_size=2, total=5)
-    by5 = caption_features(model, tok, rows, config, batch_size=5)
+    by2 = caption_features(model, tok, iter(rows), config, total=5)
+    by5 = caption_features(model, tok, rows, dataclasses.replace(config, batch_size=5))
     assert list(by2) == [f"img{i}" for i in range(5)] and by2 == by5
     expected = [caption_text(tok, h.tokens)
                 for h in generate(model, visual.half().float(), config, tok.eot_id)]
     assert list(by2.values()) == expected
     assert len(set(by2.values())) > 1
     with pytest.raises(ValueError, match="img1.*twice"):
-        caption_features(model, tok, rows[:2] + rows[1:2], config, batch_size=2)
+        caption_features(model, tok, rows[:2] + rows[1:2], config)
 
 
 def test_bad_config():
@@ -288,6 +294,8 @@ def test_bad_config():
         DecodeConfig(top_p=0)
     with pytest.raises(ValueError, match="min_new_tokens"):
         DecodeConfig(max_new_tokens=5, min_new_tokens=6)
-    assert DecodeConfig.from_dict({"method": "beam", "beam_size": 3}).beam_size == 3
-    with pytest.raises(ValueError, match=r"params.yaml decode: unknown .*'beam_width'"):
-        DecodeConfig.from_dict({"beam_width": 3}, source="params.yaml decode")
+    with pytest.raises(ValueError, match="batch_size"):
+        DecodeConfig(batch_size=0)
+    assert from_section(DecodeConfig, {"method": "beam", "beam_size": 3}, "d").beam_size == 3
+    with pytest.raises(ValueError, match=r"params.yaml: decode: unknown .*'beam_width'"):
+        from_section(DecodeConfig, {"beam_width": 3}, "params.yaml: decode")

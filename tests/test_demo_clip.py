@@ -1,5 +1,5 @@
 """The demo CLIP: a tiny config trains a few steps; the saved file reloads through clip.load and
-models.clip_io.load_clip; the short-context text path and the multi-positive loss are exact."""
+evaluation.clip_io.load_clip; the short-context text path and the multi-positive loss are exact."""
 import csv
 import json
 import warnings
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from demo import clip_train
 from demo.clip_train import DemoClipConfig, contrastive_loss, encode_text_prefix
 from demo.scenes import SceneConfig, write_hw3_data
-from models.clip_io import load_clip
+from evaluation.clip_io import load_clip
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

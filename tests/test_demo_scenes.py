@@ -2,6 +2,7 @@
 determinism, and impossible parameters stopped with a message naming the parameter."""
 import json
 import re
+from common.params import from_section
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 
 from demo import scenes
 from demo.scenes import COLOURS, SHAPE_WORDS, SceneConfig, write_hw3_data
-from models.errors import ParamsError
+from common.errors import ParamsError
 
 TINY = dict(seed=3, image_size=48, n_train=12, n_val=4, n_classes=12, n_p1_per_class=2)
 
@@ -214,7 +215,7 @@ def test_impossible_params_name_the_parameter(kw, name):
 
 def test_unknown_param_is_named():
     with pytest.raises(ValueError, match="n_trian"):
-        SceneConfig.from_dict({"n_trian": 5})
+        from_section(SceneConfig, {"n_trian": 5}, "demo_data")
 
 
 def test_stage_stops_on_bad_params(tmp_path):

@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+from common.params import from_section
 from tokenizers.pre_tokenizers import ByteLevel
 
 from demo.lm_pretrain import LMConfig, lr_at, pretrain, save_decoder
 from demo.vocab import VocabConfig, build_demo_vocab, read_captions, train_vocab, write_vocab
-from models.gpt2 import load_course_checkpoint
-from models.tokenizer import EOT, Tokenizer
+from captioning.gpt2 import load_course_checkpoint
+from captioning.tokenizer import EOT, Tokenizer
 
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -90,9 +91,9 @@ def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="vocab_size=100"):
         train_vocab(["a b c"], 100)
     with pytest.raises(ValueError, match="demo_gpt2: unknown parameter"):
-        LMConfig.from_dict({"n_layers": 2})
+        from_section(LMConfig, {"n_layers": 2}, "demo_gpt2")
     with pytest.raises(ValueError, match="demo_vocab: unknown parameter"):
-        VocabConfig.from_dict({"size": 2})
+        from_section(VocabConfig, {"size": 2}, "demo_vocab")
 
 
 def test_lr_schedule_warms_up_then_decays_by_cosine():
@@ -110,7 +111,7 @@ def trained(p2):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread is fastest, and the machine is shared
     tok = Tokenizer.from_files(p2 / "encoder.json", p2 / "vocab.bpe")
-    cfg = LMConfig.from_dict(TINY_LM)
+    cfg = from_section(LMConfig, TINY_LM, "demo_gpt2")
     train, val = read_captions(p2 / "train.json"), read_captions(p2 / "val.json")
     model, metrics, train_curve, val_curve = pretrain(tok, train, val, cfg, progress=False)
     yield tok, cfg, model, metrics, train_curve, val_curve

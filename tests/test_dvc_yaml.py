@@ -1,9 +1,9 @@
-"""dvc.yaml lists, for every stage, each file of this repository whose code the stage runs.
-
-A module missing from a stage's deps means a change to it never re-runs the stage: `dvc repro`
-would keep results computed by the old code and call them up to date. The code a stage runs is
-the closure of the imports (module level and inside functions) of its `python -m` module over
-the repository's packages.
+"""dvc.yaml lists, for every stage, each file of this repository whose code the stage runs, and no
+other. A module missing from a stage's deps means a change to it never re-runs the stage: `dvc
+repro` would keep results computed by the old code and call them up to date. A module listed that
+the stage does not run re-runs it for nothing (an extraction, a training). The code a stage runs
+is the closure of the imports (module level and inside functions) of its `python -m` module over
+the repository's packages; a package folder among the deps stands for all its files.
 """
 import ast
 from pathlib import Path
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("models", "demo", "stages")
+PACKAGES = ("common", "captioning", "evaluation", "training", "inference", "reporting", "demo", "stages")
 
 
 def module_file(name):
@@ -63,8 +63,24 @@ def test_every_module_a_stage_runs_is_one_of_its_deps(name, stage):
     assert not missing, f"dvc.yaml stage {name}: add to deps: {missing}"
 
 
+@pytest.mark.parametrize("name,stage", list(stages()), ids=[n for n, _ in stages()])
+def test_every_code_dep_of_a_stage_is_code_it_runs(name, stage):
+    runs = code_of(stage["cmd"].split()[2])
+    listed = [str(d).rstrip("/") for d in stage.get("deps", [])
+              if str(d).split("/")[0] in PACKAGES]
+    unused = sorted(f for d in listed for f in code_files(d) if f not in runs)
+    assert not unused, f"dvc.yaml stage {name}: deps it does not run: {unused}"
+
+
+def code_files(dep):
+    """The non-empty .py files a dep (a file or a package folder) stands for."""
+    path = REPO / dep
+    files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return [p.relative_to(REPO).as_posix() for p in files if p.read_text(encoding="utf-8").strip()]
+
+
 def test_the_import_closure_follows_function_level_imports():
     files = code_of("stages.hw3_2")
-    assert {"stages/hw3_2.py", "models/release.py", "models/caption_folder.py",
-            "models/peft/lora.py", "models/clip_io.py"} <= files
-    assert "models/zeroshot.py" not in files and "models/__init__.py" not in files
+    assert {"stages/hw3_2.py", "inference/release.py", "inference/caption_folder.py",
+            "captioning/peft/lora.py", "evaluation/clip_io.py"} <= files
+    assert "evaluation/zeroshot.py" not in files and "common/__init__.py" not in files

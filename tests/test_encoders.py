@@ -8,10 +8,12 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from common.errors import ParamsError
+from common.params import from_section
 from clip.model import CLIP
 from PIL import Image
 
-from models.encoders import EncoderConfig, EncoderError, build_encoder, encoder_id
+from evaluation.encoders import EncoderConfig, EncoderError, build_encoder, encoder_id
 
 TIMM_NAME = "vit_tiny_patch16_224"
 TIMM_KW = dict(img_size=32, depth=2)          # 2 x 2 patches of 16, width 192
@@ -207,7 +209,7 @@ def test_encoder_id_is_content_based(tiny_timm, clip_file, tmp_path):
 def test_config_errors():
     with pytest.raises(EncoderError, match="kind"):
         EncoderConfig(kind="resnet", name="x")
-    with pytest.raises(EncoderError, match="unknown parameter.*weight"):
-        EncoderConfig.from_dict({"kind": "timm", "name": "x", "weight": "typo.pth"})
+    with pytest.raises(ParamsError, match="unknown parameter.*weight"):
+        from_section(EncoderConfig, {"kind": "timm", "name": "x", "weight": "typo.pth"}, "encoder config")
     with pytest.raises(EncoderError, match="timm options"):
         EncoderConfig(kind="clip", name="ViT-B/32", weights="w.pth")

@@ -12,11 +12,13 @@ import yaml
 from clip.model import CLIP
 from PIL import Image
 
-from models.clip_io import load_clip
-from models.encoders import EncoderConfig, build_encoder, encoder_id
-from models.features import (FeatureFile, FeatureFileError, image_names, read_embeddings,
+from evaluation.clip_io import load_clip
+from evaluation.encoders import EncoderConfig, build_encoder, encoder_id
+from evaluation.features import (FeatureFile, FeatureFileError, image_names, read_embeddings,
                              write_clip_embeddings, write_features)
-from models.imageio import ImageReadError, list_images, load_rgb
+from common.imageio import ImageReadError, list_images, load_rgb
+from common.errors import ParamsError
+from tests.tiny_world import world_section
 
 
 def sha256(path):
@@ -210,13 +212,14 @@ def test_extract_stage(clip_path, tmp_path, monkeypatch):
     make_images(root / "p2_data/images/train", 6, seed=1)
     val = make_images(root / "p2_data/images/val", 4, seed=2)
     make_images(root / "p3_data/images", 2, seed=3)
-    params = {"world": {"data_root": str(root), "clip": str(clip_path)}, "extract": {
+    params = {"world": world_section(root, clip_path), "extract": {
         "encoder": {"kind": "clip", "name": str(clip_path)},
         "splits": {"train": "p2_data/images/train", "val": "p2_data/images/val", "p3": "p3_data/images"},
         "clipscore_splits": ["val"],
-        "batch_size": 4, "num_workers": 0, "device": "cpu", "out_dir": str(tmp_path / "features"),
+        "batch_size": 4, "num_workers": 0, "device": "cpu",
     }}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
     extract.main(["--params", str(tmp_path / "params.yaml")])
     out = tmp_path / "features"
     assert sorted(os.listdir(out)) == ["clipscore_val.h5", "p3.h5", "train.h5", "val.h5"]
@@ -228,5 +231,5 @@ def test_extract_stage(clip_path, tmp_path, monkeypatch):
 
     params["extract"]["clipscore_splits"] = ["test"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(SystemExit, match="'test'"):
+    with pytest.raises(ParamsError, match=r"extract.clipscore_splits \['test'\]: not in"):
         extract.main(["--params", str(tmp_path / "params.yaml")])

@@ -2,7 +2,7 @@
 
 The reference reads the course-format state dict directly (Conv1D orientation: y = x @ W + b,
 tied lm_head), so a wrong transpose, a wrong GELU, a mis-scaled attention or a wrong mask in
-models/gpt2.py shows up as a logits mismatch (minGPT's test pattern).
+captioning/gpt2.py shows up as a logits mismatch (minGPT's test pattern).
 """
 import math
 import os
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.gpt2 import (GPT2, CheckpointError, GPT2Config, config_from_state_dict,
+from captioning.gpt2 import (GPT2, CheckpointError, GPT2Config, config_from_state_dict,
                          course_state_dict, load_course_checkpoint, load_course_state_dict,
                          read_state_dict)
-from models.tokenizer import Tokenizer
+from captioning.tokenizer import Tokenizer
 
 GPT2_FILES = Path(__file__).resolve().parents[2] / "shared" / "gpt2"
 N_LAYER, N_HEAD, N_EMBD, BLOCK = 2, 4, 64, 128
@@ -284,7 +284,7 @@ def test_pickle_payload_is_refused_and_does_not_run(tmp_path):
 
 
 def test_an_untied_lm_head_is_refused(tmp_path):
-    from models.gpt2 import GPT2, GPT2Config, CheckpointError, course_state_dict, load_course_checkpoint
+    from captioning.gpt2 import GPT2, GPT2Config, CheckpointError, course_state_dict, load_course_checkpoint
     model = GPT2(GPT2Config(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=8))
     sd = course_state_dict(model)
     sd["lm_head.weight"] = sd["wte.weight"].clone()

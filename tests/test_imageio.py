@@ -1,11 +1,11 @@
-"""models/imageio.py on hostile inputs (issue 8)."""
+"""common/imageio.py on hostile inputs (issue 8)."""
 import pickle
 
 import pytest
 import torch
 from PIL import Image
 
-from models.imageio import (ImageFolderError, ImageReadError, image_loader, iter_rgb, list_images,
+from common.imageio import (ImageFolderError, ImageReadError, image_loader, iter_rgb, list_images,
                             load_rgb, scan_folder)
 from tests.hostile_images import IGNORED, READABLE, UNREADABLE, make_hostile_folder
 

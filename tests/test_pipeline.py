@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.gpt2 import GPT2, GPT2Config, course_state_dict
+from captioning.gpt2 import GPT2, GPT2Config, course_state_dict
 from tests.tiny_world import build_tiny_world
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def ran(world):
     os.chdir(world)
     try:
         extract.main([])
-        for variant in ("lora", "llava"):
+        for variant in ("lora", "visual_prefix"):
             train.main(["--variant", variant])
             decode.main(["--variant", variant])
             score.main(["--variant", variant])
@@ -39,7 +39,7 @@ def ran(world):
 
 
 def test_stages_write_their_outputs(ran):
-    for variant in ("lora", "llava"):
+    for variant in ("lora", "visual_prefix"):
         history = json.loads((ran / "plots/train" / f"{variant}.json").read_text())
         assert [row["epoch"] for row in history] == [1, 2]
         metrics = json.loads((ran / "metrics" / f"{variant}.json").read_text())
@@ -49,7 +49,7 @@ def test_stages_write_their_outputs(ran):
         assert sorted(json.loads((ran / "predictions" / variant / "p3.json").read_text())) == \
             ["bike", "girl", "sheep", "ski", "umbrella"]
     selected = json.loads((ran / "release/selected.json").read_text())
-    assert selected["variant"] in ("lora", "llava")
+    assert selected["variant"] in ("lora", "visual_prefix")
     assert {p.name for p in (ran / "release").iterdir()} == \
         {"captioner.safetensors", "encoder.json", "vocab.bpe", "selected.json"}
 
@@ -232,7 +232,7 @@ def test_prefetch_loads_the_released_encoder_and_the_zero_shot_clip(ran, tmp_pat
 @pytest.mark.parametrize("encoder, message", [
     ({"kind": "timm", "name": "vit_tiny_patch16_224"},   # in no cache here, and no network
      "hw3_2 image encoder: timm vit_tiny_patch16_224: "),
-    ({"kind": "timn", "name": "x"}, "selected.json encoder: encoder config: kind must be"),
+    ({"kind": "timn", "name": "x"}, "selected.json: encoder: kind must be"),
 ])
 def test_prefetch_names_what_it_cannot_load_in_one_line(ran, tmp_path, encoder, message):
     release = tmp_path / "release"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.atomic import atomic_dir, atomic_path, check_writable
+from common.atomic import atomic_dir, atomic_path, check_writable
 from tests.tiny_world import build_tiny_world
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,8 +147,9 @@ def failed_stage(world, params, *args):
 
 
 @pytest.mark.parametrize("section, change, message", [
-    ("peft", {"rank": 0}, "bad.yaml: peft: peft.rank must be >= 1"),
-    ("peft", {"rnak": 8}, "bad.yaml: peft: unknown parameter(s) ['rnak']"),
+    ("peft", {"lora": {"rank": 0}}, "bad.yaml: peft.lora: peft.lora.rank=0: must be at least 1"),
+    ("peft", {"lora": {"rnak": 8}}, "bad.yaml: peft.lora: unknown parameter(s) ['rnak']"),
+    ("peft", {"rank": 8}, "bad.yaml: peft: unknown parameter(s) ['rank'] (did you mean lora.rank?)"),
     ("world", {"decoder": "nothere.bin"}, "nothere.bin: no such file"),
 ])
 def test_training_stopped_by_bad_input_keeps_the_previous_outputs(world, section, change, message):

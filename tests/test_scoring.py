@@ -1,4 +1,4 @@
-"""models/scoring.py and stages/score.py against independent computations on the same files:
+"""evaluation/scoring.py and stages/score.py against independent computations on the same files:
 pycocoevalcap's PTBTokenizer + Cider/Bleu/Rouge called directly the way p2_evaluate.py's library does,
 and the CLIPScore formula written out per image the way p2_evaluate.py does it."""
 import json
@@ -10,9 +10,10 @@ import torch
 import yaml
 from PIL import Image
 
-from models import scoring
-from models.clip_io import load_clip
-from models.errors import InputError
+from evaluation import scoring
+from evaluation.clip_io import load_clip
+from common.errors import InputError
+from tests.tiny_world import world_section
 
 CAPTIONS = {  # name -> references; the colours are what the tiny JPEGs show
     "000001": ["A red circle on the left.", "a red round shape at the left side",
@@ -270,7 +271,7 @@ def test_stage_writes_outputs_with_meteor(world, monkeypatch):
     names = sorted(preds)
     blind = {n: preds[names[(i + 1) % len(names)]] for i, n in enumerate(names)}
     (run / "predictions" / "lora" / "val_blind.json").write_text(json.dumps(blind))
-    params = {"world": {"data_root": str(world / "hw3_data"), "clip": str(world / "clip_tiny.pt")},
+    params = {"world": world_section(world / "hw3_data", world / "clip_tiny.pt"),
               "score": {"metrics": list(scoring.METRICS), "batch_size": 4}}
     (run / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(run)
@@ -293,7 +294,7 @@ def test_stage_writes_outputs_with_meteor(world, monkeypatch):
 
 def test_stage_with_extracted_embeddings(world, monkeypatch):
     """score.image_embeddings: the extract stage's clipscore_<split>.h5 gives the image path's numbers."""
-    from models.features import write_clip_embeddings
+    from evaluation.features import write_clip_embeddings
     from stages import score as stage
 
     model, preprocess = load_clip(world / "clip_tiny.pt", "cpu")
@@ -302,11 +303,11 @@ def test_stage_with_extracted_embeddings(world, monkeypatch):
     (run / "predictions" / "adapter").mkdir(parents=True)
     (run / "predictions" / "adapter" / "val.json").write_text(json.dumps(PREDICTIONS))
     (run / "predictions" / "adapter" / "val_blind.json").write_text(json.dumps(PREDICTIONS))
-    from models.encoders import EncoderConfig, encoder_id
+    from evaluation.encoders import EncoderConfig, encoder_id
     made_by = encoder_id(EncoderConfig(kind="clip", name=str(world / "clip_tiny.pt")))
     for name, model_id in (("clipscore_val.h5", made_by), ("other_clip.h5", "another CLIP")):
         write_clip_embeddings(run / name, model, preprocess, sorted(images.glob("*.jpg")), model_id)
-    world_params = {"data_root": str(world / "hw3_data"), "clip": str(world / "clip_tiny.pt")}
+    world_params = world_section(world / "hw3_data", world / "clip_tiny.pt")
     monkeypatch.chdir(run)
     results = []
     for emb in (None, "clipscore_val.h5"):
@@ -320,6 +321,6 @@ def test_stage_with_extracted_embeddings(world, monkeypatch):
     # embeddings made by another CLIP than the scoring one are refused, naming the file
     (run / "params.yaml").write_text(yaml.safe_dump({"world": world_params, "score": {
         "metrics": ["clipscore", "cider"], "image_embeddings": "other_clip.h5"}}))
-    from models.features import FeatureFileError
+    from evaluation.features import FeatureFileError
     with pytest.raises(FeatureFileError, match=r"other_clip\.h5: made by CLIP another CLIP"):
         stage.main(["--variant", "adapter"])

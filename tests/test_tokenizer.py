@@ -7,7 +7,7 @@ import pytest
 import torch
 from tokenizers.pre_tokenizers import ByteLevel
 
-from models.tokenizer import IGNORE_INDEX, Tokenizer, caption_batch, target_count
+from captioning.tokenizer import IGNORE_INDEX, Tokenizer, caption_batch, target_count
 
 GPT2_DIR = Path(__file__).parents[2] / "shared" / "gpt2"
 needs_gpt2 = pytest.mark.skipif(not GPT2_DIR.is_dir(), reason=f"{GPT2_DIR} absent")

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from models.clip_io import CheckpointError, clip, clip_config_from_state_dict, load_clip
-from models.imageio import list_images
-from models import zeroshot as zs
+from evaluation.clip_io import CheckpointError, clip, clip_config_from_state_dict, load_clip
+from common.imageio import list_images
+from evaluation import zeroshot as zs
 from stages import hw3_1
 from tests.hostile_images import READABLE, UNREADABLE, make_hostile_folder
+from tests.tiny_world import world_section
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
@@ -126,7 +127,7 @@ def test_pickle_payload_refused(tmp_path):
 
 
 def test_torchscript_detected(tmp_path, tiny):
-    from models.clip_io import _is_torchscript
+    from evaluation.clip_io import _is_torchscript
     ts = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), ts)
     assert _is_torchscript(ts) and not _is_torchscript(tiny[1])
@@ -285,7 +286,7 @@ def test_zeroshot_stage(tmp_path, tiny, p1, monkeypatch):
     from stages import zeroshot as stage
     params = write_params(tmp_path / "params.yaml", tiny[1], p1)
     doc = yaml.safe_load(params.read_text())   # the data root may come from world.data_root
-    doc["world"] = {"data_root": doc["zeroshot"].pop("data_root")}
+    doc["world"] = world_section(doc["zeroshot"].pop("data_root"), "unused.pt")
     params.write_text(yaml.safe_dump(doc))
     monkeypatch.chdir(tmp_path)
     stage.main(["--params", str(params)])

@@ -6,8 +6,15 @@ import yaml
 
 from demo.scenes import SceneConfig, write_hw3_data
 from demo.vocab import read_captions, train_vocab, write_vocab
-from models.gpt2 import GPT2, GPT2Config, course_state_dict
-from models.tokenizer import Tokenizer
+from captioning.gpt2 import GPT2, GPT2Config, course_state_dict
+from captioning.tokenizer import Tokenizer
+
+
+def world_section(data_root, clip, **paths):
+    """A params.yaml `world:` section; the files a test's stages do not read need not exist."""
+    return {"data_root": str(data_root), "clip": str(clip), "decoder": "unused/decoder_model.bin",
+            "decoder_heads": 2, "encoder_json": "unused/encoder.json",
+            "vocab_bpe": "unused/vocab.bpe", **{k: str(v) for k, v in paths.items()}}
 
 
 def tiny_clip(path):
@@ -42,10 +49,10 @@ def build_tiny_world(root):
                     "clipscore_splits": ["val"], "batch_size": 8, "device": "cpu"},
         "train": {"epochs": 2, "batch_size": 16, "lr": 0.003, "warmup_steps": 2,
                   "val_images": 4, "val_batch_size": 4},
-        "bridge": {"layers": [], "prefix_hidden": 0},
-        "peft": {"rank": 2, "adapter_size": 4, "prefix_length": 2},
+        "bridge": {"gated_cross": {"layers": "all"}, "visual_prefix": {"hidden": 0}},
+        "peft": {"lora": {"rank": 2}, "adapter": {"size": 4}, "prefix_tuning": {"length": 2}},
         "variants": {"lora": {"bridge": "gated_cross", "peft": "lora"},
-                     "llava": {"bridge": "prefix", "peft": "lora"}},
+                     "visual_prefix": {"bridge": "visual_prefix", "peft": "lora"}},
         "decode": {"method": "beam", "beam_size": 2, "max_new_tokens": 8, "batch_size": 4},
         "score": {"metrics": ["cider", "clipscore", "bleu4", "rougeL"]},
     }
