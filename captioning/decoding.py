@@ -22,6 +22,7 @@ ranks by `logprob / len(tokens) ** length_penalty`.
 """
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ class DecodeConfig:
 class Hypothesis:
     tokens: list  # generated ids; ends with the end token if the model emitted it
     logprob: float  # sum of the model's log-probabilities of `tokens`
-    attention: torch.Tensor | None = None  # [len(tokens), n_layers_with_it, n_head, V]
+    attention: Optional[torch.Tensor] = None  # [len(tokens), n_layers_with_it, n_head, V]
     ended: bool = False  # the model emitted the end token (else max_new_tokens cut it)
 
     def score(self, length_penalty):

@@ -90,16 +90,28 @@ def merge_heads(x):
     return x.transpose(1, 2).reshape(B, T, nh * hd)
 
 
+HAS_SDPA = hasattr(F, "scaled_dot_product_attention")   # torch >= 2.0; the course's 1.12 lacks it
+
+
+def sdpa(q, k, v):
+    """softmax(q k^T / sqrt(d)) v: torch's fused kernel where it exists, else written out."""
+    if HAS_SDPA:
+        return F.scaled_dot_product_attention(q, k, v)
+    return ((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))).softmax(dim=-1) @ v
+
+
 def attend(q, k, v, causal=False, capture=False, masks=None):
     """Scaled dot-product attention; with capture, also return the weights [B, nh, T, L].
 
     causal: query i (the i-th new token) sees every key up to and including its own place, the
     mask aligned to the lower right, so that past keys (a cache, prefix tuning) are seen by all.
-    masks: a dict keeping the masks made, for the next layers (LayerCache.shared)."""
+    masks: a dict keeping the masks made, for the next layers (LayerCache.shared).
+    Without torch's SDPA (torch < 2.0) the weights are computed as for capture."""
     n_query, n_key = q.size(2), k.size(2)
     causal = causal and n_query > 1  # a single new token sees every key
+    capture_path = capture or not HAS_SDPA
     mask = None
-    if causal and (capture or n_query < n_key):
+    if causal and (capture_path or n_query < n_key):
         # Additive (0 / -inf in q's dtype): what SDPA would turn a boolean mask into in every
         # layer, the same numbers; made once per shape and dtype for all layers.
         masks = {} if masks is None else masks
@@ -109,7 +121,7 @@ def attend(q, k, v, causal=False, capture=False, masks=None):
             masks[key] = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(
                 ~seen, float("-inf"))
         mask = masks[key]
-    if not capture:
+    if not capture_path:
         # Square (training, a first step): SDPA's is_causal aligns to the upper left, which is then
         # the lower right, and needs no mask tensor built per layer (on a GPU: the flash kernel).
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -118,7 +130,7 @@ def attend(q, k, v, causal=False, capture=False, masks=None):
     if mask is not None:
         att = att + mask
     att = att.softmax(dim=-1)
-    return att @ v, att
+    return att @ v, (att if capture else None)
 
 
 def causal_mask(n_query, n_key, device):
@@ -288,7 +300,7 @@ def normalise_keys(sd, source="state dict"):
     """Drop the attention-mask buffers and a tied lm_head; accept an HF "transformer." prefix.
 
     An lm_head that is not a copy of wte would be silently replaced by the tie: refuse it."""
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in sd.items()}
     head, wte = sd.get("lm_head.weight"), sd.get("wte.weight")
     if head is not None and (wte is None or not torch.equal(head, wte)):
         raise CheckpointError(f"{source}: 'lm_head.weight' differs from 'wte.weight'; GPT-2 ties "

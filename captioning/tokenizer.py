@@ -6,6 +6,10 @@ as long as it holds `<|endoftext|>`, which is both the start and the end token.
 User text never yields the end token: the literal string "<|endoftext|>" inside a caption is
 encoded as ordinary bytes ("<", "|", "end", "of", "text", "|", ">"), exactly like tiktoken's
 `encode_ordinary`, so a caption cannot end itself early or smuggle in a start token.
+
+Encoding runs the `tokenizers` library (training); decoding needs only the vocabulary and is
+plain Python, so the hand-in decodes where `tokenizers` is not installed (the course's grading
+environment).
 """
 import hashlib
 import itertools
@@ -14,11 +18,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import ByteLevelBPETokenizer
-from tokenizers.pre_tokenizers import ByteLevel
 
 EOT = "<|endoftext|>"
 IGNORE_INDEX = -100  # targets at this value do not count in the loss (torch's cross_entropy default)
+
+
+def bytes_to_unicode():
+    """GPT-2's map from each byte to the printable character that stands for it in the
+    vocabulary (openai/gpt-2 encoder.py; tokenizers' ByteLevel alphabet)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _sha256(path):
@@ -48,7 +68,7 @@ def _read_encoder(path):
     if EOT not in encoder:
         raise ValueError(f"{path}: the vocabulary has no {EOT} token (needed as start/end token)")
     # Byte-level BPE must be able to spell every byte; a missing one would silently drop text.
-    missing = sorted(set(ByteLevel.alphabet()) - set(encoder))
+    missing = sorted(set(BYTE_OF) - set(encoder))
     if missing:
         raise ValueError(f"{path}: {len(missing)} of the 256 byte symbols are missing "
                          f"(e.g. {missing[0]!r}); not a byte-level BPE vocabulary")
@@ -83,18 +103,12 @@ def _read_merges(path, encoder):
 class Tokenizer:
     def __init__(self, encoder, merges, identity=""):
         """Prefer `Tokenizer.from_files`; this takes an already validated vocabulary and merge list."""
-        self._bpe = ByteLevelBPETokenizer(vocab=encoder, merges=merges, add_prefix_space=False,
-                                          lowercase=False)
-        # Without this the token would be split into bytes when decoding ids back to text.
-        self._bpe.add_special_tokens([EOT])
-        # ...and with it, user text containing the literal string would become the id: forbid that.
-        self._bpe._tokenizer.encode_special_tokens = True
+        self._encoder, self._merges = encoder, merges
+        self._token_of = {i: token for token, i in encoder.items()}
+        self._bpe = None   # the `tokenizers` BPE, built at the first encode
         self.eot_id = encoder[EOT]
         self.vocab_size = len(encoder)
         self.identity = identity
-        if self._bpe.get_vocab_size(with_added_tokens=True) != self.vocab_size:
-            raise ValueError("tokenizers library disagrees on the vocabulary size "
-                             f"({self._bpe.get_vocab_size(with_added_tokens=True)} != {self.vocab_size})")
 
     @classmethod
     def from_files(cls, encoder_json, vocab_bpe):
@@ -105,21 +119,37 @@ class Tokenizer:
         ).hexdigest()
         return cls(encoder, merges, identity=identity)
 
+    def _encoder_bpe(self):
+        if self._bpe is None:
+            from tokenizers import ByteLevelBPETokenizer
+            bpe = ByteLevelBPETokenizer(vocab=self._encoder, merges=self._merges,
+                                        add_prefix_space=False, lowercase=False)
+            # Without this the end token would be split into bytes...
+            bpe.add_special_tokens([EOT])
+            # ...and with it, user text holding the literal string would become the id: forbid that.
+            bpe._tokenizer.encode_special_tokens = True
+            if bpe.get_vocab_size(with_added_tokens=True) != self.vocab_size:
+                raise ValueError("tokenizers library disagrees on the vocabulary size "
+                                 f"({bpe.get_vocab_size(with_added_tokens=True)} != {self.vocab_size})")
+            self._bpe = bpe
+        return self._bpe
+
     def encode(self, text):
         """Token ids of `text`, without start/end tokens (see the module note on "<|endoftext|>")."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        return self._bpe.encode(text, add_special_tokens=False).ids
+        return self._encoder_bpe().encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts):
         texts = list(texts)
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"encode_batch expects str items, got {type(t).__name__}")
-        return [e.ids for e in self._bpe.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self._encoder_bpe().encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids):
-        """Text of `ids` with every end token dropped (they mark where a caption starts and stops).
+        """Text of `ids` with every end token dropped (they mark where a caption starts and stops);
+        bytes that are no valid UTF-8 become U+FFFD, as in `tokenizers`.
 
         A generator that ran past its end token should cut there first: the text after it would
         otherwise be joined on.
@@ -128,7 +158,8 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} outside the vocabulary (size {self.vocab_size})")
-        return self._bpe.decode(ids, skip_special_tokens=True)
+        symbols = "".join(self._token_of[i] for i in ids if i != self.eot_id)
+        return bytes(BYTE_OF[c] for c in symbols).decode("utf-8", errors="replace")
 
 
 def caption_batch(token_lists, eot_id, max_len, width_multiple=1):

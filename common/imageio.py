@@ -47,7 +47,21 @@ class ImageReadError(InputError):
 
 
 class ImageFolderError(InputError):
-    """The folder itself is unusable (missing, not a folder, no images)."""
+    """The folder itself is unusable (missing, not a folder, no images, two images of one name)."""
+
+
+def image_names(paths):
+    """File names without extension; two images with the same stem (a.jpg, a.png) are an error,
+    since the output formats (JSON keys) could not tell them apart."""
+    names, seen = [], {}
+    for p in paths:
+        p = Path(p)
+        if p.stem in seen:
+            raise ImageFolderError(f"two images share the name {p.stem!r}: {seen[p.stem]} and {p}: "
+                                   "rename one")
+        seen[p.stem] = p
+        names.append(p.stem)
+    return names
 
 
 @dataclass

@@ -105,6 +105,12 @@ def encoder_id(cfg: EncoderConfig) -> str:
     return json.dumps(ident, sort_keys=True, separators=(",", ":"))
 
 
+def as_cached(tokens):
+    """Encoder tokens rounded as the feature cache stores them (float16), back in float32: what
+    training and the decode stage see, so that captioning straight from images (hw3_2.sh) matches."""
+    return tokens.to(torch.float16).float()
+
+
 class ImageEncoder(nn.Module):
     """Common frozen behaviour; subclasses set the attributes and implement `tokens`."""
     preprocess = None
@@ -211,6 +217,11 @@ class TimmEncoder(ImageEncoder):
         kwargs = dict(cfg.model_kwargs)
         if cfg.image_size:
             kwargs["img_size"] = int(cfg.image_size)
+        if cfg.weights is None and "_quickgelu" in cfg.name:
+            # timm < 0.9.11 (the course's 0.9.10) looks for these weights in a hub repository named
+            # after the quickgelu model, which holds none; they are the plain CLIP tower's (timm's
+            # fix 7c685a4e gives this same repository)
+            kwargs["pretrained_cfg_overlay"] = dict(hf_hub_id="timm/" + cfg.name.replace("_quickgelu", ""))
         try:
             model = timm.create_model(cfg.name, pretrained=cfg.weights is None, num_classes=0, **kwargs)
         except RuntimeError as e:

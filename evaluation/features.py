@@ -26,34 +26,15 @@ from tqdm import tqdm
 
 from common.atomic import atomic_path
 from common.errors import InputError
-from common.imageio import image_loader, report_skip
+from common.imageio import image_loader, image_names, report_skip
 
 FORMAT_VERSION = 1
 LIBVER = ("v110", "v110")     # fixed, so the file layout cannot change with the h5py default
 _STR = h5py.string_dtype("utf-8")
 
 
-def as_cached(tokens):
-    """Encoder tokens rounded as the cache stores them (float16), back in float32: what training
-    and the decode stage see, so that captioning straight from images (hw3_2.sh) matches them."""
-    return tokens.to(torch.float16).float()
-
-
 class FeatureFileError(InputError):
     """A feature file that cannot be used; str() names the file and the problem."""
-
-
-def image_names(paths):
-    """File names without extension; two images with the same stem (a.jpg, a.png) are an error,
-    since the output formats (JSON keys) could not tell them apart."""
-    names, seen = [], {}
-    for p in paths:
-        p = Path(p)
-        if p.stem in seen:
-            raise FeatureFileError(f"two images share the name {p.stem!r}: {seen[p.stem]} and {p}")
-        seen[p.stem] = p
-        names.append(p.stem)
-    return names
 
 
 def _write_h5(path, dataset, row_shape, dtype, encode, transform, image_paths, attrs, *,

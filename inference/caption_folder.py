@@ -8,8 +8,8 @@ import torch
 from tqdm import tqdm
 
 from captioning.decoding import caption_text, generate
-from evaluation.features import as_cached, image_names
-from common.imageio import image_loader, report_skip
+from common.imageio import image_loader, image_names, report_skip
+from evaluation.encoders import as_cached
 
 
 @torch.inference_mode()

@@ -14,7 +14,8 @@ from PIL import Image
 
 from evaluation.clip_io import load_clip
 from evaluation.encoders import EncoderConfig, build_encoder, encoder_id
-from evaluation.features import (FeatureFile, FeatureFileError, image_names, read_embeddings,
+from common.imageio import ImageFolderError, image_names
+from evaluation.features import (FeatureFile, FeatureFileError, read_embeddings,
                              write_clip_embeddings, write_features)
 from common.imageio import ImageReadError, list_images, load_rgb
 from common.errors import ParamsError
@@ -164,7 +165,7 @@ def test_reader_of_compressed_file_takes_the_generic_path(enc, images, tmp_path)
 
 
 def test_duplicate_stems_and_bad_files(tmp_path):
-    with pytest.raises(FeatureFileError, match="share the name 'a'"):
+    with pytest.raises(ImageFolderError, match="share the name 'a'"):
         image_names([tmp_path / "a.jpg", tmp_path / "a.png"])
     with pytest.raises(FeatureFileError, match="not found"):
         FeatureFile(tmp_path / "nothing.h5")

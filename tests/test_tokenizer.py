@@ -60,6 +60,25 @@ def test_decode_drops_end_token_and_batch_matches_single(tok):
         tok.decode([50257])
 
 
+def test_the_byte_alphabet_is_the_byte_level_bpes():
+    from captioning.tokenizer import BYTE_OF
+    assert sorted(BYTE_OF) == sorted(ByteLevel.alphabet()) and sorted(BYTE_OF.values()) == list(range(256))
+
+
+@needs_gpt2
+def test_plain_python_decode_equals_the_tokenizers_librarys(tok):
+    """Decoding (what the hand-in runs, without `tokenizers`) gives the library's text for any ids,
+    broken UTF-8 included: random ids, and runs of single-byte tokens."""
+    rng = random.Random(0)
+    single_bytes = [i for s, i in json.loads((GPT2_DIR / "encoder.json").read_text()).items()
+                    if len(s) == 1]
+    bpe = tok._encoder_bpe()
+    for n in range(3000):
+        pool = range(tok.vocab_size) if n % 2 else single_bytes
+        ids = [rng.choice(pool) for _ in range(rng.randint(0, 12))] + [tok.eot_id] * (n % 3 == 0)
+        assert tok.decode(ids) == bpe.decode(ids, skip_special_tokens=True), ids
+
+
 @needs_gpt2
 def test_identity_is_sha256_of_the_files(tok):
     again = Tokenizer.from_files(str(GPT2_DIR / "encoder.json"), str(GPT2_DIR / "vocab.bpe"))

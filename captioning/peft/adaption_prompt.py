@@ -2,9 +2,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from captioning.gpt2 import select_blocks, split_heads
+from captioning.gpt2 import sdpa, select_blocks, split_heads
 
 
 @dataclass
@@ -36,7 +35,7 @@ class AdaptionPrompt(nn.Module):
         k, v = (split_heads(t, self.n_head)[0] for t in kv.split(self.n_embd, dim=2))  # [H, L, hd]
         # softmax(q k^T / sqrt(hd)) v with no mask: every position of every caption sees every
         # prompt token, so the batch folds into the query length (no broadcast over the batch)
-        y = F.scaled_dot_product_attention(q.transpose(0, 1).reshape(H, B * T, hd), k, v)
+        y = sdpa(q.transpose(0, 1).reshape(H, B * T, hd), k, v)
         return self.gate.view(1, -1, 1, 1) * y.view(H, B, T, hd).transpose(0, 1)
 
 
