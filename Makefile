@@ -29,3 +29,29 @@ repro: java env
 
 test: java env
 	python -m pytest -q tests
+
+# --- hand-in (issue 22) ---
+#   make handin URL=https://host/path/release.tar.gz   pack handin/release.tar.gz (+ .sha256) from
+#        release/ and set hw3_download.sh's RELEASE_URL / RELEASE_SHA256 (no URL: the sha256 only)
+#   make pull-release     our own machines: release/ from the DVC remote, then the pretrained weights
+#   make grading-check    hw3_download.sh, hw3_1.sh, hw3_2.sh as the TAs run them, in a Python 3.8 /
+#        torch 1.12.1 venv (GRADING_ENV, built when missing), compared with PIPELINE's predictions;
+#        GRADING_SOURCE=worktree checks uncommitted changes too (scripts/grading_check.sh)
+GRADING_ENV ?= .grading_env
+PIPELINE ?= $(CURDIR)
+GRADING_SOURCE ?= clone
+.PHONY: handin pull-release grading-env grading-check
+handin: env
+	python -m stages.handin $(if $(URL),--url '$(URL)')
+
+pull-release: env
+	dvc pull select
+	HF_HUB_OFFLINE=0 bash scripts/run_module.sh stages.hw3_prefetch
+
+grading-env: $(GRADING_ENV)/bin/python3
+$(GRADING_ENV)/bin/python3:
+	bash scripts/grading_env.sh $(GRADING_ENV)
+
+grading-check: java env grading-env
+	GRADING_ENV='$(abspath $(GRADING_ENV))' PIPELINE='$(PIPELINE)' GRADING_SOURCE='$(GRADING_SOURCE)' \
+	PROJECT_PYTHON='$(abspath $(BIN))/python' bash scripts/grading_check.sh

@@ -5,6 +5,7 @@ Nothing here is downloaded. The real-size image encoder is timm's ViT-L/14 CLIP 
 random weights, saved to a temp file and loaded through `evaluation.encoders.build_encoder` (the
 pipeline's own path, every key checked); the real-size decoder is a random GPT-2 small.
 """
+import contextlib
 import copy
 import os
 import random
@@ -21,6 +22,8 @@ from evaluation.encoders import EncoderConfig, build_encoder, encoder_id
 from captioning.gpt2 import GPT2, GPT2Config, load_course_checkpoint
 from captioning.peft import PeftConfig
 from captioning.tokenizer import EOT, Tokenizer
+from speed import SpeedConfig
+from training.loop import make_optimizer, speedups, train_step
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -179,6 +182,49 @@ def build_variant(decoder, variant, visual_width, visual_tokens, seed=0, perturb
                 if p.requires_grad and not p.any():
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return model
+
+
+# --- training steps ----------------------------------------------------------------------------
+
+# Every speed switch of train.speed off: the plain loop of training/loop.py (fp32 weights cast by
+# autocast at every use, the table's rows gathered by torch's index and copied to the device).
+SPEED_OFF = SpeedConfig(stored_weights=False, features_on_device=False, numpy_gather=False)
+
+
+class IdTokenizer:
+    """What training.loop.batch_loss reads of a tokenizer: the end token's id."""
+
+    def __init__(self, eot_id):
+        self.eot_id = eot_id
+
+
+class OtherRows:
+    """A TrainingSpeedups whose image tokens come from `rows(indices)` instead of its table
+    (HDF5 reads, an encoder run at every step): everything else is the run's own."""
+
+    def __init__(self, fast, rows):
+        self._fast, self.rows = fast, rows
+
+    def __getattr__(self, name):
+        return getattr(self._fast, name)
+
+
+@contextlib.contextmanager
+def training_steps(model, tokens, tokenizer, config, device, store_trainable=True, fused=None):
+    """Inside: step(batch, lr, rows=None) -> the loss tensor: training.loop.train_step as train()
+    takes it, the model moved to `device`, AdamW by make_optimizer (fused=None: fused on a GPU),
+    inside the run's TrainingSpeedups (config.speed) over the image-token table `tokens`.
+    rows: a callable indices -> image tokens on the device, read instead of the table's rows
+    (HDF5 reads, an encoder run at every step). The step does not wait for the device (nor does
+    train()): read the loss, or `sync`, to time it."""
+    device = torch.device(device)
+    model.to(device).train()
+    optimizer, params = make_optimizer(model, config, fused)
+    with speedups(model, tokens, config, device, store_trainable) as fast:
+        def step(batch, lr, rows=None):
+            return train_step(model, optimizer, params, batch, tokenizer, config, device, lr,
+                              fast if rows is None else OtherRows(fast, rows))
+        yield step
 
 
 # --- text --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Training eager vs compiled (`train.compile`), side by side in one run: the time of the first
+"""Training eager vs compiled (`train.speed.compile`), side by side in one run: the time of the first
 pass (where compilation and CUDA-graph recording happen), steady captions/s, the speed-up, peak
 GPU memory, and how far the compiled losses are from the eager ones on the same batches. A third
 setting, eager at the compiled run's padded caption widths, tells what the padding alone costs.
@@ -9,8 +9,9 @@ setting, eager at the compiled run's padded caption widths, tells what the paddi
                    gated_cross:adaption_prompt visual_prefix:lora     # mode "reduce-overhead" (CUDA graphs)
     python -m bench.compile --sizes overhead --batch-size 12 --batches random "by image"
 
-All three settings take `training.loop.training_steps`, the step `train()` takes (fused AdamW,
-bf16 autocast and bf16-stored frozen weights on a GPU, image tokens on the GPU), on a random fp16
+All three settings take `bench.common.training_steps`, the step `train()` takes (fused AdamW,
+bf16 autocast and the other switches of train.speed as the pipeline sets them: bf16-stored Linear
+weights and image tokens on a GPU; only `compile` differs), on a random fp16
 image-token table of the size's shape and random captions of 8-20 tokens, so that the batches have
 several widths, as an epoch's do. Each setting starts from the same weights and runs the same
 batches: a first pass, then `--rounds` timed passes (best kept); each setting runs on every kind
@@ -31,12 +32,12 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import (Stopwatch, add_batches_arg, add_device_args, batches_by_kind,
-                          build_variant, demo_decoder, fmt_rate, peak_gib, peak_reset, real_decoder,
-                          sync, use_device)
-from bench.train import IdTokenizer
+from bench.common import (IdTokenizer, Stopwatch, add_batches_arg, add_device_args,
+                          batches_by_kind, build_variant, demo_decoder, fmt_rate, peak_gib,
+                          peak_reset, real_decoder, sync, training_steps, use_device)
 from captioning.gpt2 import GPT2, GPT2Config
-from training.loop import COMPILE_MODES, COMPILE_WIDTH_STEP, TrainConfig, training_steps
+from speed import COMPILE_MODES, COMPILE_WIDTH_STEP, SpeedConfig
+from training.loop import TrainConfig
 
 SHAPES = {"demo": (65, 128), "real": (257, 1024), "overhead": (8, 64)}   # image tokens x width
 
@@ -54,8 +55,8 @@ DECODERS = {"demo": demo_decoder, "real": real_decoder, "overhead": overhead_dec
 
 
 @dataclass
-class PaddedEager(TrainConfig):
-    """Eager training with the caption widths a compiled run pads to."""
+class PaddedEager(SpeedConfig):
+    """train.speed of eager training with the caption widths a compiled run pads to."""
 
     @property
     def width_multiple(self):
@@ -75,9 +76,9 @@ def run_setting(model, tokens, batches, tok, config, device, rounds):
             losses = [step(b, config.lr).item() for b in batches]
         best = float("inf")
         for _ in range(rounds):
-            with Stopwatch(device) as sw:
+            with Stopwatch(device) as sw:   # no wait for the device per step, as in train()
                 for b in batches:
-                    step(b, config.lr).item()
+                    step(b, config.lr)
             best = min(best, sw.seconds)
     return first.seconds, best, losses
 
@@ -86,8 +87,7 @@ def bench_size(size, args, device, log=print):
     decoder, source = DECODERS[size]()
     n_tokens, width = SHAPES[size]
     vocab = decoder.config.vocab_size
-    tok = IdTokenizer()
-    tok.eot_id = vocab - 1
+    tok = IdTokenizer(vocab - 1)
     batch_size = args.batch_size or {"demo": 32, "real": 4, "overhead": 4}[size]
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(args.images, n_tokens, width, generator=g).half()
@@ -100,9 +100,9 @@ def bench_size(size, args, device, log=print):
         for kind, batches in composed.items():
             for mode in ("none", "padded", args.mode):
                 model = build_variant(decoder, variant, width, n_tokens)
-                settings = dict(batch_size=batch_size, group_by_image=kind == "by image")
-                config = PaddedEager(**settings) if mode == "padded" else \
-                    TrainConfig(compile=mode, **settings)
+                speed = PaddedEager() if mode == "padded" else SpeedConfig(compile=mode)
+                config = TrainConfig(batch_size=batch_size, group_by_image=kind == "by image",
+                                     speed=speed)
                 first, steady, losses = run_setting(model, tokens, batches, tok, config, device,
                                                     args.rounds)
                 measured[mode, kind] = (first, steady, losses, peak_gib(device))

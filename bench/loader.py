@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from bench.common import (add_device_args, build_variant, caption_batches, demo_decoder, fmt_rate,
-                          real_decoder, sync, use_device)
-from bench.train import IdTokenizer
+from bench.common import (IdTokenizer, add_device_args, build_variant, caption_batches,
+                          demo_decoder, fmt_rate, real_decoder, sync, training_steps, use_device)
 from evaluation.features import FORMAT_VERSION, LIBVER, FeatureFile
-from training.loop import TrainConfig, gather_rows, make_optimizer, train_step
+from speed import gather_rows
+from training.loop import TrainConfig
 
 SIZES = {"demo": (65, 128, (8, 8), 64), "real": (257, 1024, (16, 16), 224)}   # T, D, grid, px
 
@@ -94,22 +94,21 @@ def ram_rate(features, batch_size, seconds, gather, seed=0):
 
 
 def train_rate(size, features, batch_size, steps, device):
-    """Captions/s of training steps (gated_cross + LoRA) fed from the in-RAM rows."""
+    """Captions/s of training steps (gated_cross + LoRA) fed from the in-RAM rows, as train()
+    takes them (bench.common.training_steps)."""
     decoder, _ = demo_decoder() if size == "demo" else real_decoder()
     model = build_variant(decoder, "gated_cross:lora", features.width, features.num_tokens)
-    model = model.to(device).train()
     config = TrainConfig(batch_size=batch_size)
-    optimizer, params = make_optimizer(model, config)
     ram = FeatureFile(features.path, in_memory=True).read_rows(range(len(features)))
-    tok = IdTokenizer()
-    tok.eot_id = decoder.config.vocab_size - 1
+    tok = IdTokenizer(decoder.config.vocab_size - 1)
     batches = caption_batches(len(ram), steps + 1, batch_size, decoder.config.vocab_size)
-    train_step(model, optimizer, params, batches[0], ram, tok, config, device, config.lr).item()
-    sync(device)
-    start = time.perf_counter()
-    for b in batches[1:]:
-        train_step(model, optimizer, params, b, ram, tok, config, device, config.lr).item()
-    sync(device)
+    with training_steps(model, ram, tok, config, device) as step:
+        step(batches[0], config.lr).item()
+        sync(device)
+        start = time.perf_counter()
+        for b in batches[1:]:
+            loss = step(b, config.lr)
+        loss.item()
     return batch_size * steps / (time.perf_counter() - start)
 
 
@@ -142,8 +141,9 @@ def main(argv=None):
                   f"{mb:.0f} MiB), batches of {batch}", flush=True)
             consume = train_rate(size, features, batch, args.train_steps, device)
             print(f"  training consumes {consume:.1f} captions/s", flush=True)
-            rates = [("in RAM, gather_rows (now)", ram_rate(features, batch, args.seconds, gather_rows)),
-                     ("in RAM, torch index (before)",
+            rates = [("in RAM, gather_rows (numpy_gather on)",
+                      ram_rate(features, batch, args.seconds, gather_rows)),
+                     ("in RAM, torch index (numpy_gather off)",
                       ram_rate(features, batch, args.seconds, lambda t, r: t[r]))]
             for w in args.workers:
                 rates.append((f"HDF5, {w} workers", loader_rate(features, batch, w, args.seconds)))

@@ -16,12 +16,12 @@ import contextlib
 import loralib
 import torch
 
-from bench.common import (Stopwatch, add_device_args, build_variant, caption_batches, demo_decoder,
-                          real_decoder, use_device)
+from bench.common import (IdTokenizer, Stopwatch, add_device_args, build_variant, caption_batches,
+                          demo_decoder, real_decoder, training_steps, use_device)
 from bench.train import time_source
 from captioning.decoding import DecodeConfig, generate
 from captioning.peft.lora import MergedLinear
-from training.loop import TrainConfig, make_optimizer
+from training.loop import TrainConfig
 
 FORWARDS = {"loralib": loralib.MergedLinear.forward, "low-rank": MergedLinear.forward}
 
@@ -56,17 +56,16 @@ def bench_size(size, decoder, visual_shape, batch, images, args, device):
                 key = (f"beam 5, {args.new_tokens} tokens", name)
                 rates[key] = max(rates.get(key, 0.0), images / sw.seconds)
 
-    model.train()
     config = TrainConfig(batch_size=batch)
-    optimizer, params = make_optimizer(model, config)
     batches = caption_batches(images, args.steps, batch, decoder.config.vocab_size)
-    for round_ in range(args.rounds):
-        for name in FORWARDS:
-            with lora_forward(name):
-                step_s = time_source(model, optimizer, params, visual, batches, eot, config, device,
-                                     warmup=1 if round_ == 0 else 0)
-            key = (f"training step, batch {batch}", name)
-            rates[key] = max(rates.get(key, 0.0), batch / step_s)
+    with training_steps(model, visual, IdTokenizer(eot), config, device) as step:
+        for round_ in range(args.rounds):
+            for name in FORWARDS:
+                with lora_forward(name):
+                    step_s = time_source(step, None, batches, config, device,
+                                         warmup=1 if round_ == 0 else 0)
+                key = (f"training step, batch {batch}", name)
+                rates[key] = max(rates.get(key, 0.0), batch / step_s)
     return rates, ids["loralib"] == ids["low-rank"]
 
 

@@ -6,8 +6,8 @@ call saved is host time saved. The number of calls per step does not depend on t
 (since caption_batch pads with whole-array operations) and barely on the device (the CPU's and
 the GPU's autocast and attention kernels differ in a few calls), so it is counted here on the
 CPU, exactly, at a small batch: the second step as training.loop runs it on a GPU (bf16
-autocast, Linear weights stored bf16 with fp32 masters for the trainable ones, fused AdamW,
-gradient clipping), the batch's preparation included (caption padding and the CPU feature gather
+autocast, Linear weights stored bf16 with fp32 masters for the trainable ones (train.speed's
+stored_weights), fused AdamW, gradient clipping), the batch's preparation included (caption padding and the CPU feature gather
 run in numpy, which makes no operator calls; on a GPU the gather and the copies to it add a few).
 
     python -m bench.ops                      # real size, every variant, ~20 s on 2 cores
@@ -23,10 +23,9 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.common import build_variant, demo_decoder, random_captions, real_decoder
-from bench.train import IdTokenizer
-from common.precision import StoredLinearWeights
-from training.loop import TrainConfig, make_optimizer, train_step
+from bench.common import (IdTokenizer, build_variant, demo_decoder, random_captions, real_decoder,
+                          training_steps)
+from training.loop import TrainConfig
 
 VARIANTS = ["gated_cross:lora", "gated_cross:adapter", "gated_cross:prefix_tuning", "gated_cross:prompt_tuning",
             "gated_cross:adaption_prompt", "visual_prefix:lora"]
@@ -52,20 +51,18 @@ def count_step(decoder, variant, visual_tokens, visual_width, batch_size):
     """(OperatorCounter of the second training step, number of trainable tensors)."""
     model = build_variant(decoder, variant, visual_width, visual_tokens, perturb=True).train()
     tokens = torch.randn(batch_size, visual_tokens, visual_width).half()
-    tokenizer = IdTokenizer()
-    tokenizer.eot_id = decoder.config.vocab_size - 1
+    tokenizer = IdTokenizer(decoder.config.vocab_size - 1)
     captions = random_captions(batch_size, decoder.config.vocab_size, seed=1)
     batch = list(zip(range(batch_size), captions))
+    # bf16 autocast, the speed switches as the pipeline sets them (stored_weights on: Linear
+    # weights stored bf16 with fp32 masters), fused AdamW: a GPU step's operators, on the CPU
     config = TrainConfig(batch_size=batch_size, precision="bf16")
-    optimizer, params = make_optimizer(model, config, fused=True)
     counter = OperatorCounter()
-    with StoredLinearWeights(model, torch.bfloat16) as stored:
-        step = lambda: train_step(model, optimizer, params, batch, tokens, tokenizer, config,
-                                  torch.device("cpu"), config.lr, stored=stored)
-        step()   # the first step creates the optimiser state
+    with training_steps(model, tokens, tokenizer, config, "cpu", fused=True) as step:
+        step(batch, config.lr)   # the first step creates the optimiser state
         with counter:
-            step()
-    return counter, len(params)
+            step(batch, config.lr)
+    return counter, sum(p.requires_grad for p in model.parameters())
 
 
 def main():

@@ -9,9 +9,11 @@ JPEG and run the frozen encoder at every step), at the demo size and the real si
 
 Flow per size: a handful of real JPEG files are written to a temp folder; the extract stage's
 code (`evaluation.features.write_features`) encodes them into an HDF5 feature file; then every
-variant trains with `training.loop.train_step` (the pipeline's own step: AdamW, clipping,
-autocast bf16 on GPU) fed from three sources of image tokens:
-  h5 in RAM     the whole file read into memory once (what stages/train.py does)
+variant trains with `training.loop.train_step` as train() takes it (AdamW, clipping, autocast bf16
+on GPU, the speed switches of train.speed as the pipeline sets them; bench.common.training_steps)
+fed from three sources of image tokens:
+  h5 in RAM     the whole file read into memory once (what stages/train.py does; train.speed
+                moves it to the GPU when it fits)
   h5 rows       rows read from the HDF5 file every step (FeatureFile.read_rows)
   encode/step   each image's JPEG decoded and run through the frozen encoder every step
 Batches are (image, caption) pairs (bench.common.caption_batches), composed as `--batches` says:
@@ -28,29 +30,29 @@ from pathlib import Path
 import torch
 
 from bench import flops
-from bench.common import (COURSE_IMAGE, DEMO_IMAGE, Stopwatch, add_batches_arg, add_device_args,
-                          batches_by_kind, build_variant, captions_per_image, demo_decoder,
-                          demo_encoder, fmt_rate, mean_text_len, real_decoder, real_encoder, sync,
-                          use_device, write_jpegs)
+from bench.common import (COURSE_IMAGE, DEMO_IMAGE, IdTokenizer, Stopwatch, add_batches_arg,
+                          add_device_args, batches_by_kind, build_variant, captions_per_image,
+                          demo_decoder, demo_encoder, fmt_rate, mean_text_len, real_decoder,
+                          real_encoder, sync, training_steps, use_device, write_jpegs)
 from evaluation.features import FeatureFile, write_features
 from common.imageio import load_rgb
-from training.loop import TrainConfig, make_optimizer, train_step
+from training.loop import TrainConfig
 
 SOURCES = ("h5 in RAM", "h5 rows", "encode/step")
 
 
 class H5Rows:
-    """`self[rows]`: the rows read from the HDF5 file at every step."""
+    """`self(rows)`: the rows read from the HDF5 file at every step, copied to the device."""
 
-    def __init__(self, feature_file):
-        self.file = feature_file
+    def __init__(self, feature_file, device):
+        self.file, self.device = feature_file, device
 
-    def __getitem__(self, rows):
-        return self.file.read_rows(rows.tolist())
+    def __call__(self, rows):
+        return self.file.read_rows(rows.tolist()).to(self.device, non_blocking=True)
 
 
 class EncodeEveryStep:
-    """`self[rows]`: the students' way: decode each row's JPEG, preprocess, run the frozen
+    """`self(rows)`: the students' way: decode each row's JPEG, preprocess, run the frozen
     encoder (no grad; autocast bf16 on GPU, as the captioner). Times both parts."""
 
     def __init__(self, paths, encoder, device):
@@ -59,7 +61,7 @@ class EncodeEveryStep:
         self.encode = Stopwatch(device)
         self.images = 0
 
-    def __getitem__(self, rows):
+    def __call__(self, rows):
         with self.decode:
             pixels = torch.stack([self.encoder.preprocess(load_rgb(self.paths[r]))
                                   for r in rows.tolist()])
@@ -68,10 +70,6 @@ class EncodeEveryStep:
             out = self.encoder(pixels.to(self.device))
         self.images += len(rows)
         return out
-
-
-class IdTokenizer:
-    eot_id = None   # batch_loss reads only the end token id
 
 
 @dataclass
@@ -103,17 +101,16 @@ def prepare(size, tmp, device, n_images, log=print):
     return encoder, eid, paths, FeatureFile(h5)
 
 
-def time_source(model, optimizer, params, tokens, batches, eot_id, config, device, warmup):
-    """Seconds per step over `batches` after `warmup` untimed steps (on the last batches)."""
-    tok = IdTokenizer()
-    tok.eot_id = eot_id
+def time_source(step, rows, batches, config, device, warmup):
+    """Seconds per step over `batches` after `warmup` untimed steps (on the last batches), the
+    image tokens read by `rows` (None: the run's own table, as train() reads it)."""
     for batch in batches[len(batches) - warmup:]:
-        train_step(model, optimizer, params, batch, tokens, tok, config, device, config.lr).item()
+        step(batch, config.lr, rows)
     sync(device)
     start = time.perf_counter()
     for batch in batches:
-        train_step(model, optimizer, params, batch, tokens, tok, config, device, config.lr).item()
-    sync(device)
+        loss = step(batch, config.lr, rows)
+    loss.item()   # waits for the device
     return (time.perf_counter() - start) / len(batches)
 
 
@@ -128,37 +125,38 @@ def bench_size(size, args, device, tmp, log=print):
 
     in_ram = FeatureFile(features.path, in_memory=True).read_rows(range(len(features)))
     on_the_fly = EncodeEveryStep(paths, encoder, device)
-    sources = {"h5 in RAM": in_ram, "h5 rows": H5Rows(features), "encode/step": on_the_fly}
+    sources = {"h5 in RAM": None, "h5 rows": H5Rows(features, device), "encode/step": on_the_fly}
     runs = [(name, kind) for name in SOURCES for kind in args.batches]
     enc_flop = flops.encoder_forward(encoder)
     config = TrainConfig(batch_size=batch_size)
+    tok = IdTokenizer(eot)
     results = []
     for variant in args.variants:
-        model = build_variant(decoder, variant, features.width, features.num_tokens).to(device).train()
-        optimizer, params = make_optimizer(model, config)
+        model = build_variant(decoder, variant, features.width, features.num_tokens)
         shape = flops.CaptionerShape.of(model)
         best = {}
-        for round_ in range(args.rounds):   # runs interleaved; the best round of each kept
-            for name, kind in runs:
-                on_the_fly.decode.seconds = on_the_fly.encode.seconds = on_the_fly.images = 0
-                step_s = time_source(model, optimizer, params, sources[name], composed[kind], eot,
-                                     config, device, args.warmup if round_ == 0 else 0)
-                r = Result(size, variant, name, kind, batch_size / step_s, step_s,
-                           shape.train_per_caption(round(mean_text_len(composed[kind])),
-                                                   captions_per_image(composed[kind])))
-                if name == "encode/step":
-                    n = on_the_fly.images
-                    r.encoder_flop = enc_flop
-                    r.decode_ms = 1000 * on_the_fly.decode.seconds / n
-                    r.encode_ms = 1000 * on_the_fly.encode.seconds / n
-                if (name, kind) not in best or r.step_s < best[name, kind].step_s:
-                    best[name, kind] = r
+        with training_steps(model, in_ram, tok, config, device) as step:
+            for round_ in range(args.rounds):   # runs interleaved; the best round of each kept
+                for name, kind in runs:
+                    on_the_fly.decode.seconds = on_the_fly.encode.seconds = on_the_fly.images = 0
+                    step_s = time_source(step, sources[name], composed[kind], config, device,
+                                         args.warmup if round_ == 0 else 0)
+                    r = Result(size, variant, name, kind, batch_size / step_s, step_s,
+                               shape.train_per_caption(round(mean_text_len(composed[kind])),
+                                                       captions_per_image(composed[kind])))
+                    if name == "encode/step":
+                        n = on_the_fly.images
+                        r.encoder_flop = enc_flop
+                        r.decode_ms = 1000 * on_the_fly.decode.seconds / n
+                        r.encode_ms = 1000 * on_the_fly.encode.seconds / n
+                    if (name, kind) not in best or r.step_s < best[name, kind].step_s:
+                        best[name, kind] = r
         for name, kind in runs:
             r = best[name, kind]
             results.append(r)
             log(f"  {size} {variant} {name}, {kind} batches: {r.captions_per_s:.2f} captions/s "
                 f"({r.step_s:.3f} s/step of {batch_size})")
-        del model, optimizer
+        del model, step
     features.close()
     return results
 

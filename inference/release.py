@@ -45,8 +45,8 @@ def read_selected(release):
     """(selected.json as a dict, the released image encoder's EncoderConfig), its file paths made
     absolute against the repository (the demo CLIP, timm weights): hw3_2.sh runs anywhere."""
     selected_path = Path(release) / "selected.json"
-    selected = read_json(selected_path, "missing: run `dvc repro select` (or `dvc pull select` "
-                         "in the real world)", ReleaseError)
+    selected = read_json(selected_path, "missing: run `bash hw3_download.sh` (or `dvc repro "
+                         "select`, `make pull-release`)", ReleaseError)
     missing = [k for k in ("encoder", "decode") if not isinstance(selected, dict) or k not in selected]
     if missing:
         raise ReleaseError(f"{selected_path}: no {' or '.join(map(repr, missing))} entry: "

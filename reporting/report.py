@@ -78,36 +78,76 @@ def flat_scalars(obj, prefix=""):
 
 # --- inputs -------------------------------------------------------------------------------------
 
+# the training curves dvclive writes for a variant (stages/train.py): name -> (file, column)
+CURVES = {"train_loss": ("train/loss.tsv", "loss"), "lr": ("train/lr.tsv", "lr"),
+          "val_loss": ("val/loss.tsv", "loss"), "val_cider": ("val/cider.tsv", "cider")}
+
+
+def read_curve(path, column):
+    """[(step, value)] of a dvclive TSV (columns step and `column`)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ReportError(f"{path}: missing (run `dvc repro` to make it) ({e.strerror})") from None
+    header = lines[0].split("\t") if lines else []
+    if header != ["step", column]:
+        raise ReportError(f"{path}: expected the columns step and {column}, got {header}")
+    try:
+        return [(int(s), float(v)) for s, v in (line.split("\t") for line in lines[1:])]
+    except ValueError as e:
+        raise ReportError(f"{path}: not a curve of numbers ({e})") from None
+
+
 def load_variants(root, variants):
-    """{variant: {"spec", "metrics", "train", "curve"}} for every variant of params `variants:`."""
+    """{variant: {"spec", "metrics", "train", "timing", "curves"}} for every variant of params
+    `variants:`: its scores, its training summary and curves (dvclive), its timing if any."""
     if not variants:
         raise ReportError("params.yaml: no `variants:` to report")
     out = {}
     for name, spec in variants.items():
+        live = root / "live" / "train" / name
         out[name] = {
             "spec": spec or {},
             "metrics": read_json(root / "metrics" / f"{name}.json"),
-            "train": read_json(root / "metrics" / "train" / f"{name}.json"),
-            "curve": read_json(root / "plots" / "train" / f"{name}.json"),
+            "train": read_json(live / "metrics.json"),
+            "timing": read_json(root / "logs" / "train" / f"{name}.json", required=False) or {},
+            "curves": {key: read_curve(live / "plots" / "metrics" / file, column)
+                       for key, (file, column) in CURVES.items()},
         }
-        if not isinstance(out[name]["curve"], list):
-            raise ReportError(f"{root / 'plots' / 'train' / f'{name}.json'}: expected a list of epochs")
     return out
+
+
+def variant_curves(variants):
+    """The curves of every variant in one long table per kind, for DVC's plots of all variants
+    (dvc.yaml, template .dvc/plots/variants.json): {"train": rows of step, variant, loss, lr;
+    "val": rows of step, variant, val_loss, val_cider}."""
+    tables = {}
+    for kind, keys in (("train", ("train_loss", "lr")), ("val", ("val_loss", "val_cider"))):
+        rows = []
+        for name, v in variants.items():
+            columns = [dict(v["curves"][k]) for k in keys]
+            for step in sorted(columns[0]):
+                rows.append({"step": step, "variant": name,
+                             **{k: c.get(step) for k, c in zip(keys, columns)}})
+        tables[kind] = rows
+    return tables
 
 
 # --- figures ------------------------------------------------------------------------------------
 
 def plot_training_curves(path, variants):
-    """Val CIDEr, train loss and val loss per epoch, one line per variant."""
+    """Val CIDEr (every epoch), train loss (every few steps) and val loss (every epoch) against
+    the training step, one line per variant."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     panels = (("val_cider", "val CIDEr"), ("train_loss", "train loss"), ("val_loss", "val loss"))
     for ax, (key, label) in zip(axes, panels):
         for name, v in variants.items():
-            points = [(e["epoch"], e[key]) for e in v["curve"] if e.get(key) is not None]
+            points = v["curves"][key]
             if points:
-                ax.plot(*zip(*points), marker="o", ms=3, label=name)
-        ax.set_xlabel("epoch")
+                ax.plot(*zip(*points), marker="o" if key != "train_loss" else None, ms=3,
+                        label=name)
+        ax.set_xlabel("step")
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -154,7 +194,7 @@ def variants_section(variants, selected):
     for name, v in variants.items():
         m, t = v["metrics"], v["train"]
         mark = " **(selected)**" if selected and selected.get("variant") == name else ""
-        secs = t.get("train_seconds")
+        secs = v["timing"].get("train_seconds")
         rows.append([f"`{name}`{mark}", v["spec"].get("bridge", "–"), v["spec"].get("peft", "–")]
                     + [fmt(m.get(k)) for k, _ in METRICS]
                     + [fmt(t.get("trainable_params")),
@@ -265,7 +305,7 @@ def reproduce_section(variants, has):
         ["everything on this page", "`dvc repro`"],
         ["one variant's metrics row", f"`dvc repro score@{v}` (train, decode and score `{v}`)"],
         ["all metrics, compared with the last commit", "`dvc metrics show` / `dvc metrics diff`"],
-        ["training curves", "`dvc plots show plots/train` (or the JSON in `plots/train/`)"],
+        ["training curves of every variant", "`dvc plots show` (data: `live/train/<variant>/`)"],
         ["an experiment, e.g. LoRA rank 16", "`dvc exp run -S peft.lora.rank=16` then `dvc exp show`"],
         ["the released model (hw3_2.sh's)", "`dvc repro select`"],
         ["captions of any folder", "`bash hw3_2.sh IMG_DIR OUT_JSON DECODER_BIN`"],
@@ -281,7 +321,7 @@ def reproduce_section(variants, has):
 
 def build_report(root, params, config, out_dir):
     """Write `out_dir`/README.md and its figures from the pipeline outputs under `root`, the params
-    (a dict) and `config` (ReportConfig)."""
+    (a dict) and `config` (ReportConfig). Returns the variants read (load_variants)."""
     root, out_dir = Path(root), Path(out_dir)
     variants = load_variants(root, params.get("variants"))
     selected = read_json(root / "release" / "selected.json", required=False)
@@ -320,4 +360,4 @@ def build_report(root, params, config, out_dir):
     lines += ["## Parameters of this run", "", "```yaml",
               yaml.safe_dump(shown, sort_keys=False).rstrip(), "```", ""]
     (out_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")
-    return out_dir / "README.md"
+    return variants

@@ -65,7 +65,6 @@ def evaluate(ckpt, data_root, scene_cfg, template):
         "shape_chance": 1 / len(shapes),
         "n_images": n,
         "n_classes": len(classes),
-        "template": template,
     }
 
 
@@ -75,6 +74,7 @@ def main(argv=None):
     ap.add_argument("--out", default="data/demo/clip_demo.pt")
     ap.add_argument("--metrics", default="metrics/demo_clip.json")
     ap.add_argument("--plots", default="plots/demo_clip")
+    ap.add_argument("--log", default="logs/demo_clip.json", help="wall-clock seconds")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     params = load_params(args.params)
@@ -92,7 +92,8 @@ def main(argv=None):
     save_clip(model, args.out)
 
     metrics = evaluate(args.out, args.data, scene_cfg, cfg.template)
-    metrics.update(train_seconds=round(train_seconds, 1), train_steps=cfg.steps,
+    write_json(args.log, {"train_seconds": round(train_seconds, 1)})
+    metrics.update(train_steps=cfg.steps,
                    train_pairs=len(data.pixels), train_captions=len(data.tokens),
                    parameters=sum(p.numel() for p in model.parameters()))
     write_json(args.metrics, metrics)

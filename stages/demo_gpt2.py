@@ -31,6 +31,7 @@ def main(argv=None):
                     help="folder of encoder.json + vocab.bpe, and of the decoder_model.bin written (default: --p2-data)")
     ap.add_argument("--metrics", default="metrics/demo_gpt2.json")
     ap.add_argument("--plots", default="plots/demo_gpt2")
+    ap.add_argument("--log", default="logs/demo_gpt2.json", help="wall-clock seconds")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     cfg = from_section(LMConfig, load_params(args.params).get("demo_gpt2"),
@@ -44,10 +45,12 @@ def main(argv=None):
     model, metrics, train_curve, val_curve = pretrain(tok, train, val, cfg)
     check_ids, _, _ = caption_batch(tok.encode_batch(val[:64]), tok.eot_id, cfg.block_size)
     save_decoder(model, text_dir / "decoder_model.bin", check_ids)
+    seconds = metrics.pop("train_seconds")   # apart from the metrics: re-runs do not change them
+    write_json(args.log, {"train_seconds": seconds})
     write_json(args.metrics, metrics)
     write_curves(train_curve, val_curve, args.plots)
     print(f"demo GPT-2: val perplexity {metrics['val_perplexity']:.3f} trained vs "
-          f"{metrics['val_perplexity_untrained']:.1f} untrained, {metrics['train_seconds']:.0f} s")
+          f"{metrics['val_perplexity_untrained']:.1f} untrained, {seconds:.0f} s")
 
 
 if __name__ == "__main__":

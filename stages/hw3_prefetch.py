@@ -2,11 +2,12 @@
 
     python -m stages.hw3_prefetch [--release release] [--params params.yaml]
 
-hw3_download.sh runs this after `dvc pull select`, with the network allowed. It loads the released
-captioner's image encoder (release/selected.json) and the zero-shot CLIP (params.yaml
-`zeroshot.clip`) once, through the same code hw3_2.sh and hw3_1.sh use: timm and CLIP download
-what is not in their caches yet (~/.cache/huggingface, ~/.cache/clip). Local files (the demo
-world's CLIP) are only checked to load. Exit status 0, or 1 with one line naming what failed.
+hw3_download.sh runs this once it has unpacked the release (`make pull-release` after `dvc pull
+select`), with the network allowed. It loads the released captioner's image encoder
+(release/selected.json) and the zero-shot CLIP (params.yaml `zeroshot.clip`) once, through the
+same code hw3_2.sh and hw3_1.sh use: timm and CLIP download what is not in their caches yet
+(~/.cache/huggingface, ~/.cache/clip). Local files (the demo world's CLIP, which the release
+archive carries) are only checked to load. Exit status 0, or 1 with one line naming what failed.
 """
 import argparse
 import sys

@@ -1,11 +1,14 @@
 """Train one captioning variant on cached features: `python -m stages.train --variant lora`.
 
-Reads params `world`, `train`, `bridge`, `peft` and `variants.<variant>`; writes
-checkpoints/<variant>/model.safetensors (the best val-CIDEr epoch's trainable tensors),
-plots/train/<variant>.json (per-epoch curves) and metrics/train/<variant>.json. Once its params,
-decoder, vocabulary and features have been read and checked, it deletes those three, so a run
-killed half-way leaves none of them (the checkpoint is written at the end), while a run stopped by
-bad input leaves the previous ones alone.
+Reads params `world`, `train`, `variants.<variant>` and its bridge's and PEFT method's settings;
+writes checkpoints/<variant>/model.safetensors (the best val-CIDEr epoch's trainable tensors),
+live/train/<variant>/ (dvclive: metrics.json, the numbers the run is judged by, and
+plots/metrics/, the curves: train loss and learning rate every LOG_EVERY steps, val loss and val
+CIDEr every epoch, against the step) and logs/train/<variant>.json (wall-clock seconds and the
+device: apart, so that re-runs do not show as metric changes). Once its params, decoder,
+vocabulary and features have been read and checked, it deletes those, so a run killed half-way
+leaves none of them (the checkpoint is written at the end), while a run stopped by bad input
+leaves the previous ones alone.
 """
 import argparse
 import time
@@ -24,7 +27,32 @@ from evaluation.features import FeatureFile
 from evaluation.scoring import load_references
 from stages.variants import variant_configs
 from stages.world import World
-from training.loop import CaptionPairs, TrainConfig, train
+from training.loop import CaptionPairs, TrainConfig, TrainingLog, train
+
+
+class LiveLog(TrainingLog):
+    """TrainingLog to dvclive (DVC's own logger): `dvc exp show` and `dvc plots` read its files."""
+
+    def __init__(self, folder):
+        from dvclive import Live
+        # dvcyaml=None: the stage is declared in dvc.yaml already; save_dvc_exp: dvc exp run does it
+        self.live = Live(dir=str(folder), dvcyaml=None, save_dvc_exp=False, report=None)
+
+    def step(self, step, values):
+        self.live.step = step
+        for name, value in values.items():
+            self.live.log_metric(f"train/{name}", value, plot=True)   # train/loss, train/lr
+
+    def epoch(self, row):
+        super().epoch(row)
+        self.live.step = row["step"]
+        for name in ("val_loss", "val_cider"):
+            self.live.log_metric(f"val/{name[4:]}", row[name], plot=True)
+        self.live.log_metric("epoch", row["epoch"], plot=False)
+
+    def finish(self, summary):
+        self.live.summary.update(summary)
+        self.live.make_summary()
 
 
 def in_memory(path):
@@ -42,8 +70,8 @@ def main(argv=None):
     train_config = from_section(TrainConfig, params.get("train"), f"{args.params}: train")
     world = from_section(World, params.get("world"), f"{args.params}: world")
     checkpoint = Path("checkpoints") / args.variant / "model.safetensors"
-    history_file = Path("plots") / "train" / f"{args.variant}.json"
-    metrics_file = Path("metrics") / "train" / f"{args.variant}.json"
+    live_dir = Path("live") / "train" / args.variant
+    timing_file = Path("logs") / "train" / f"{args.variant}.json"
     device = torch.device(resolve_device())
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -64,14 +92,13 @@ def main(argv=None):
 
     train_pairs = CaptionPairs(train_tokens, load_references(world.captions("train")), tokenizer)
     val_pairs = CaptionPairs(val_tokens, load_references(world.captions("val")), tokenizer)
-    remove_outputs(checkpoint, history_file, metrics_file)
+    remove_outputs(checkpoint, live_dir, timing_file)
     start = time.time()
-    history, best = train(model, train_pairs, val_pairs, tokenizer, train_config, checkpoint, device)
-    write_json(history_file, history)
-    write_json(metrics_file, {
-        "best_epoch": best["epoch"], "best_val_cider": best["val_cider"],
-        "trainable_params": trainable, "train_seconds": round(time.time() - start, 1),
-        "device": device.type})
+    log = LiveLog(live_dir)
+    _, best = train(model, train_pairs, val_pairs, tokenizer, train_config, checkpoint, device, log)
+    log.finish({"best_epoch": best["epoch"], "best_val_cider": best["val_cider"],
+                "trainable_params": trainable})
+    write_json(timing_file, {"train_seconds": round(time.time() - start, 1), "device": device.type})
 
 
 if __name__ == "__main__":

@@ -344,10 +344,17 @@ def fabricate_outputs(root, cider=0.8123):
         write(f"metrics/{v}.json", {"cider": cider - i / 10, "clipscore": 0.6543,
                                     "bleu4": 0.2, "meteor": 0.21, "rougeL": 0.45,
                                     "cider_blind": 0.1111, "n_images": 500})
-        write(f"metrics/train/{v}.json", {"best_epoch": 3, "best_val_cider": 0.79,
-                                          "trainable_params": 123456 + i, "train_seconds": 600.0})
-        write(f"plots/train/{v}.json", [{"epoch": e, "train_loss": 3 - e / 2, "val_loss": 3.1 - e / 3,
-                                         "val_cider": 0.2 * e, "seconds": 10} for e in range(1, 5)])
+        write(f"live/train/{v}/metrics.json", {"best_epoch": 3, "best_val_cider": 0.79,
+                                               "trainable_params": 123456 + i, "step": 40})
+        write(f"logs/train/{v}.json", {"train_seconds": 600.0, "device": "cpu"})
+        curves = root / "live" / "train" / v / "plots" / "metrics"
+        for rel, column, rows in (
+                ("train/loss.tsv", "loss", [(s, 3 - s / 20) for s in range(10, 41, 10)]),
+                ("train/lr.tsv", "lr", [(s, 0.01) for s in range(10, 41, 10)]),
+                ("val/loss.tsv", "loss", [(10 * e, 3.1 - e / 3) for e in range(1, 5)]),
+                ("val/cider.tsv", "cider", [(10 * e, 0.2 * e) for e in range(1, 5)])):
+            (curves / rel).parent.mkdir(parents=True, exist_ok=True)
+            (curves / rel).write_text("\n".join([f"step\t{column}"] + [f"{s}\t{x}" for s, x in rows]) + "\n")
     write("metrics/zeroshot.json", {"accuracy": {"a_photo_of": 0.4567, "ensemble": 0.5012},
                                     "predict_with_accuracy": 0.5012, "n_images": 480})
     write("metrics/zeroshot_classes.json", {"templates": {"a_photo_of": "a photo of a {}."},
@@ -389,6 +396,14 @@ def test_report_renders_every_section_from_the_pipeline_outputs(tmp_path, monkey
     for rel in ("figures/training_curves.png", "figures/variant_scores.png",
                 "figures/zeroshot/top5_1.png", "figures/attention/bike.png"):
         assert (tmp_path / "report" / rel).is_file() and f"]({rel})" in page
+    # every variant's curves in one table per kind, for `dvc plots`; the summary figures as images
+    val = json.loads((tmp_path / "plots" / "variants" / "val.json").read_text())
+    assert {r["variant"] for r in val} == {"lora", "prefix_bridge"} and len(val) == 8
+    assert val[0] == {"step": 10, "variant": "lora", "val_loss": 3.1 - 1 / 3, "val_cider": 0.2}
+    train_rows = json.loads((tmp_path / "plots" / "variants" / "train.json").read_text())
+    assert train_rows[-1] == {"step": 40, "variant": "prefix_bridge", "train_loss": 1.0, "lr": 0.01}
+    assert sorted(p.name for p in (tmp_path / "plots" / "report").iterdir()) == [
+        "training_curves.png", "variant_scores.png"]
     # new numbers replace the old ones: nothing stale survives a re-run
     fabricate_outputs_again = json.loads((tmp_path / "metrics" / "lora.json").read_text())
     fabricate_outputs_again["cider"] = 0.9321
@@ -402,7 +417,7 @@ def test_report_names_a_missing_metrics_file(tmp_path, monkeypatch):
     from stages import report
     monkeypatch.chdir(tmp_path)
     fabricate_outputs(tmp_path)
-    (tmp_path / "metrics" / "train" / "prefix_bridge.json").unlink()
-    with pytest.raises(ReportError, match="metrics/train/prefix_bridge.json: missing"):
+    (tmp_path / "live" / "train" / "prefix_bridge" / "metrics.json").unlink()
+    with pytest.raises(ReportError, match="live/train/prefix_bridge/metrics.json: missing"):
         report.main([])   # which run_stage reports as one line
     assert not (tmp_path / "report").exists()

@@ -6,7 +6,6 @@ keeps falling). The speed tricks around a step are speed/'s, each behind a switc
 import itertools
 import math
 import random
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +19,19 @@ from evaluation.scoring import cider, tokenize_pair
 from speed import SpeedConfig, TrainingSpeedups
 
 LOG_EVERY = 20  # steps between two reads of the running loss (each read waits for the GPU)
+
+
+class TrainingLog:
+    """What train() reports: every LOG_EVERY steps the mean train loss of those steps and the
+    learning rate (`step`); every epoch its row (`epoch`). This one prints the epochs; the train
+    stage's also logs both with dvclive."""
+
+    def step(self, step, values):
+        pass
+
+    def epoch(self, row):
+        print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}  val loss "
+              f"{row['val_loss']:.4f}  val CIDEr {row['val_cider']:.4f}")
 
 
 @dataclass
@@ -192,8 +204,8 @@ def evaluate(model, val, tokenizer, config, device, subset):
 
 
 def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, device,
-          log=print):
-    """Train the trainable part of `model`; return (history, best epoch's row).
+          log=TrainingLog()):
+    """Train the trainable part of `model`, reporting to `log`; return (history, best epoch's row).
 
     The best val-CIDEr epoch's trainable tensors are kept in memory and written to
     `checkpoint_path` once training is over (the model is left holding them), so a killed run
@@ -203,33 +215,39 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
     steps_per_epoch = math.ceil(len(train_pairs.pairs) / config.batch_size)
     total = steps_per_epoch * config.epochs
     subset = sorted(val_pairs.references)[:config.val_images or None]
-    history, best, done, start = [], None, 0, time.time()
+    history, best, done = [], None, 0
     model.to(device)
     # the parameters the optimiser updates (inside the speedups the model may hold working copies)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer, params = make_optimizer(model, config)
     with speedups(model, train_pairs.tokens, config, device) as fast:
         for epoch in range(1, config.epochs + 1):
-            # the loss summed over target tokens, on the device: read only every LOG_EVERY steps
-            running = torch.zeros((), dtype=torch.float64, device=device)
-            count = 0
+            # losses summed over target tokens, on the device, read every LOG_EVERY steps: the
+            # epoch's, and those since the last read
+            epoch_sum, recent_sum = (torch.zeros((), dtype=torch.float64, device=device)
+                                     for _ in range(2))
+            epoch_count = recent_count = 0
             bar = tqdm(train_pairs.batches(config.batch_size, True, shuffler, config.group_by_image),
                        total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False)
             for batch in bar:
-                loss = train_step(model, optimizer, params, batch, tokenizer, config, device,
-                                  lr_at(done, total, config), fast)
+                lr = lr_at(done, total, config)
+                loss = train_step(model, optimizer, params, batch, tokenizer, config, device, lr, fast)
                 n = target_count([t for _, t in batch], config.max_caption_tokens)
-                running += loss.detach().double() * n
-                count += n
-                done += 1
+                weighted = loss.detach().double() * n
+                epoch_sum += weighted
+                recent_sum += weighted
+                epoch_count, recent_count, done = epoch_count + n, recent_count + n, done + 1
                 if done % LOG_EVERY == 0:
-                    bar.set_postfix(loss=f"{running.item() / count:.3f}")
+                    recent = recent_sum.item() / recent_count
+                    log.step(done, {"loss": recent, "lr": lr})
+                    bar.set_postfix(loss=f"{recent:.3f}")
+                    recent_sum.zero_()
+                    recent_count = 0
             val_loss, val_cider, _ = evaluate(model, val_pairs, tokenizer, config, device, subset)
-            row = dict(epoch=epoch, train_loss=running.item() / count, val_loss=val_loss,
-                       val_cider=val_cider, seconds=round(time.time() - start, 1))
+            row = dict(epoch=epoch, step=done, train_loss=epoch_sum.item() / epoch_count,
+                       val_loss=val_loss, val_cider=val_cider)
             history.append(row)
-            log(f"epoch {epoch}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
-                f"val CIDEr {val_cider:.4f}")
+            log.epoch(row)
             if best is None or val_cider > best["val_cider"]:
                 best = row
                 best_state = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}
