@@ -10,8 +10,8 @@ export DVC_NO_ANALYTICS := 1
 HF_HUB_OFFLINE ?= 1
 export HF_HUB_OFFLINE
 
-.PHONY: env java repro test
-env: $(VENV)/.installed
+.PHONY: env java repro test plots-template
+env: $(VENV)/.installed .dvc/plots_offline.html
 
 # The caption metrics run Java tools (PTBTokenizer, METEOR): say so before any long work.
 java:
@@ -23,6 +23,12 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	touch $@
+
+# `dvc plots show` pages with Vega inlined, which render offline (needs npm; without it the
+# pages load Vega from a CDN, and `dvc plots show --json` still works)
+plots-template: .dvc/plots_offline.html
+.dvc/plots_offline.html: scripts/vega/package-lock.json scripts/plots_template.sh $(VENV)/.installed
+	bash scripts/plots_template.sh || echo "make: offline plot pages not set up (see above)" >&2
 
 repro: java env
 	dvc repro

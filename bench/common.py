@@ -252,6 +252,19 @@ def synthetic_tokenizer(vocab_size=50257):
     return Tokenizer(encoder, merges, identity=f"synthetic-{vocab_size}")
 
 
+def write_vocab(tokenizer, folder):
+    """encoder.json and vocab.bpe of a Tokenizer (e.g. synthetic_tokenizer's) in `folder`, in
+    GPT-2's file format; returns their paths."""
+    import json
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder_json, vocab_bpe = folder / "encoder.json", folder / "vocab.bpe"
+    encoder_json.write_text(json.dumps(tokenizer._encoder, ensure_ascii=False), encoding="utf-8")
+    vocab_bpe.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tokenizer._merges),
+                         encoding="utf-8")
+    return encoder_json, vocab_bpe
+
+
 def random_captions(n, vocab_size, seed=0, lengths=(8, 20)):
     """`n` token-id lists with lengths uniform in `lengths` (course captions: ~10-15 tokens),
     ids below the end token (the last id)."""

@@ -12,6 +12,17 @@ from dataclasses import dataclass
 import torch
 
 H100_BF16_DENSE = 989e12     # H100 SXM datasheet, dense bf16/fp16 tensor cores
+H200_BF16_DENSE = 989e12     # H200 datasheet: the same dense bf16 peak as the H100 SXM (same die)
+
+
+def gpu_peak(name):
+    """(peak dense bf16 FLOP/s, what it is) for a CUDA device name; the H100 SXM's figure, said
+    so, for a GPU without one here."""
+    if "H200" in name:
+        return H200_BF16_DENSE, "H200 dense bf16 datasheet peak, 989 TFLOP/s (= H100 SXM)"
+    if "H100" in name:
+        return H100_BF16_DENSE, "H100 SXM dense bf16 datasheet peak, 989 TFLOP/s"
+    return H100_BF16_DENSE, f"H100 SXM dense bf16 peak, 989 TFLOP/s (no figure here for {name})"
 
 
 def vit_forward(tokens, width, layers, patch, mlp_ratio=4):

@@ -150,10 +150,10 @@ def main(argv=None):
                 print(f"  {rates[-1][0]}: {rates[-1][1]:.0f} rows/s", flush=True)
             rows_out += [(size, name, r, consume, T * D * 2) for name, r in rates]
             features.close()
-    print(f"\n{'size':<5} {'source':<30} {'rows/s':>10} {'MB/s':>8} {'training captions/s':>20} "
+    print(f"\n{'size':<5} {'source':<40} {'rows/s':>10} {'MB/s':>8} {'training captions/s':>20} "
           f"{'loader / training':>18}")
     for size, name, r, consume, row_bytes in rows_out:
-        print(f"{size:<5} {name:<30} {fmt_rate(r):>10} {r * row_bytes / 1e6:>8.0f} "
+        print(f"{size:<5} {name:<40} {fmt_rate(r):>10} {r * row_bytes / 1e6:>8.0f} "
               f"{fmt_rate(consume):>20} {r / consume:>17.1f}x")
     return rows_out
 

@@ -263,9 +263,6 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # The causal-mask buffers of HF-era files. Matched as whole names: a plain suffix test on
 # "attn.bias" would also drop "attn.c_attn.bias".
 IGNORED_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
-BASE_KEYS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-             "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
-             "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 
 class CheckpointError(InputError, ValueError):
@@ -290,12 +287,6 @@ def select_blocks(spec, n_layer, name):
     return sorted({i % n_layer for i in indices})
 
 
-def course_key_set(n_layer):
-    keys = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"}
-    keys |= {f"h.{i}.{k}" for i in range(n_layer) for k in BASE_KEYS}
-    return keys
-
-
 def normalise_keys(sd, source="state dict"):
     """Drop the attention-mask buffers and a tied lm_head; accept an HF "transformer." prefix.
 
@@ -310,7 +301,10 @@ def normalise_keys(sd, source="state dict"):
 
 
 def config_from_state_dict(sd, n_head=12, source="state dict"):
-    """Infer vocab, block size, width and depth from the tensors; n_head cannot be inferred."""
+    """Infer vocab, block size, width and depth from the tensors; n_head cannot be inferred.
+    Every key and shape the config implies is checked against the file before anything is built
+    on it: a crafted key (h.100000.ln_1.weight) or width cannot make the model allocate more
+    than the file itself holds."""
     sd = normalise_keys(sd, source)
     for key in ("wte.weight", "wpe.weight"):
         if key not in sd:
@@ -322,18 +316,57 @@ def config_from_state_dict(sd, n_head=12, source="state dict"):
     vocab_size, n_embd = sd["wte.weight"].shape
     block_size = sd["wpe.weight"].shape[0]
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))}
-    n_layer = max(layers) + 1 if layers else 0
+    n_layer = len(layers)
+    if layers and max(layers) != n_layer - 1:   # a gap: never build the blocks the file lacks
+        gaps, expect = [], 0
+        for i in sorted(layers):
+            gaps += list(range(expect, min(i, expect + 5 - len(gaps))))
+            expect = i + 1
+        raise CheckpointError(f"{source}: keys name blocks up to h.{max(layers)}, but "
+                              f"{max(layers) + 1 - n_layer} blocks are missing (e.g. "
+                              f"{', '.join(f'h.{g}' for g in gaps[:5])}): not a GPT-2 in the "
+                              "course format")
     try:
-        return GPT2Config(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer,
-                          n_head=n_head, n_embd=n_embd)
+        config = GPT2Config(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer,
+                            n_head=n_head, n_embd=n_embd)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
+    check_course_tensors(sd, config, source)
+    return config
+
+
+def course_shapes(config):
+    """{course key: shape as the course file stores it (Conv1D weights (in, out))}."""
+    C = config.n_embd
+    block = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C),
+             "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+             "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (C, 4 * C),
+             "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}
+    shapes = {"wte.weight": (config.vocab_size, C), "wpe.weight": (config.block_size, C),
+              "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    shapes.update({f"h.{i}.{k}": s for i in range(config.n_layer) for k, s in block.items()})
+    return shapes
+
+
+def check_course_tensors(sd, config, source="state dict"):
+    """Every key of a course-format state dict (normalised) present, none more, each of the
+    shape `config` implies; CheckpointError naming the first problems otherwise."""
+    shapes = course_shapes(config)
+    missing, unexpected = sorted(shapes.keys() - sd.keys()), sorted(sd.keys() - shapes.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: keys do not match GPT-2 ({config.n_layer} layers): "
+                              f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                              f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    for key, shape in shapes.items():
+        if tuple(sd[key].shape) != shape:
+            raise CheckpointError(f"{source}: '{key}' has shape {tuple(sd[key].shape)}, expected "
+                                  f"{shape} for n_embd={config.n_embd}")
 
 
 def course_state_dict(model):
     """The decoder's own weights under the course's key names, Conv1D-shaped (in, out)."""
     sd = {}
-    for key in sorted(course_key_set(model.config.n_layer)):
+    for key in sorted(course_shapes(model.config)):
         t = model.get_parameter(key).detach()
         if key.endswith(CONV1D_WEIGHTS):
             t = t.t()
@@ -347,7 +380,7 @@ def weights_id(model):
     since (a bridge, PEFT) do not change it."""
     h = hashlib.sha256()
     with torch.no_grad():
-        for key in sorted(course_key_set(model.config.n_layer)):
+        for key in sorted(course_shapes(model.config)):
             t = model.get_parameter(key).detach().float().contiguous().cpu()
             h.update(f"{key}{tuple(t.shape)}".encode())
             h.update(t.numpy())
@@ -357,24 +390,11 @@ def weights_id(model):
 def load_course_state_dict(model, sd, source="state dict"):
     """Copy a course-format state dict into `model` (a plain GPT2), checking every key and shape."""
     sd = normalise_keys(sd, source)
-    expected = course_key_set(model.config.n_layer)
-    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: keys do not match GPT-2 ({model.config.n_layer} layers): "
-                              f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
-                              f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    check_course_tensors(sd, model.config, source)
     with torch.no_grad():
-        for key in sorted(expected):
+        for key in sorted(sd):
             t = sd[key]
-            if key.endswith(CONV1D_WEIGHTS):
-                t = t.t()
-            param = model.get_parameter(key)
-            if tuple(t.shape) != tuple(param.shape):
-                want = tuple(param.t().shape) if key.endswith(CONV1D_WEIGHTS) else tuple(param.shape)
-                got = tuple(sd[key].shape)
-                raise CheckpointError(f"{source}: '{key}' has shape {got}, expected {want} for "
-                                      f"n_embd={model.config.n_embd}")
-            param.copy_(t)
+            model.get_parameter(key).copy_(t.t() if key.endswith(CONV1D_WEIGHTS) else t)
     return model
 
 

@@ -36,9 +36,11 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
     try:
         yield Path(tmp)
+        # mkstemp's 0600 would survive the rename, as would a writer's own (safetensors replaces
+        # the file with a new 0600 one): the umask's permissions, as for any new file
+        os.chmod(tmp, 0o666 & ~_umask())
         _fsync(tmp)
         os.replace(tmp, path)
     finally:

@@ -46,11 +46,28 @@ def read_json(path, missing, error=InputError):
 
 def run_stage(main):
     """Run a stage's main(): an InputError or a missing file ends it with that one line and exit
-    status 1, instead of a traceback."""
+    status 1, instead of a traceback. The stage dies with the process that started it (dvc)."""
+    die_with_parent()
     try:
         main()
     except (InputError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+
+
+def die_with_parent():
+    """On Linux, have the kernel kill this process when its parent dies: a `dvc repro` killed
+    with SIGKILL would otherwise leave the stage running on, writing outputs that no dvc.lock
+    will describe. Elsewhere nothing happens."""
+    try:
+        import ctypes
+        import os
+        import signal
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        if libc.prctl(1, signal.SIGKILL) == 0 and os.getppid() != parent:   # 1: PR_SET_PDEATHSIG
+            os.kill(os.getpid(), signal.SIGKILL)   # the parent died before we asked
+    except (OSError, AttributeError):
+        pass
 
 
 def load_failure(e):

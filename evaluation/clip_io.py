@@ -1,10 +1,11 @@
 """Load an openai CLIP from a name ("ViT-B/32") or a checkpoint file, with its own preprocess.
 
-A plain state-dict file is read with `torch.load(weights_only=True)` (a pickle that would run
-code is refused), the architecture is inferred from the tensor shapes exactly as
-`clip.model.build_model` does, and the weights are loaded strictly into an fp32 `clip.model.CLIP`
-(clip.load would round them to fp16 first). A TorchScript archive (what clip downloads) and a
-model name go to `clip.load(..., jit=False)`.
+A plain state-dict file is read without running any pickled code (common.torchfile), the
+architecture is inferred from the tensor shapes exactly as `clip.model.build_model` does, and the
+weights are loaded strictly into an fp32 `clip.model.CLIP` (clip.load would round them to fp16
+first). A model name goes to `clip.load(..., jit=False)`, which takes openai's TorchScript
+archive from its cache after checking its sha256. A TorchScript file given by path is refused:
+loading one runs its code (and clip's fallback unpickles it without restriction).
 """
 import os
 import pickle
@@ -136,11 +137,9 @@ def load_clip(name_or_path, device="cpu"):
     path = Path(name_or_path)
     if path.is_file():
         if _is_torchscript(path):
-            # openai's downloads: clip.load rebuilds a CLIP from the archive's (fp16) weights.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model, preprocess = clip.load(str(path), device=device, jit=False)
-            return model.eval(), preprocess
+            raise CheckpointError(f"{path}: a TorchScript archive, whose loading runs its code: "
+                                  "give the CLIP's name instead (e.g. ViT-B/32: clip.load checks "
+                                  "openai's download), or a plain state-dict file")
         model = build_clip_from_state_dict(_read_state_dict(path), source=str(path)).to(device)
         return model, _transform(model.visual.input_resolution)
     if name_or_path in clip.available_models():

@@ -299,6 +299,33 @@ def world_section(root, files):
     return lines
 
 
+def sweeps_section(root, out_dir):
+    """The sweeps compared by `python -m scripts.compare` (comparisons/<sweep>.json and .png)."""
+    files = sorted((root / "comparisons").glob("*.json"))
+    if not files:
+        return []
+    lines = ["## Sweeps: runs compared", "",
+             "Experiments queued by `python -m scripts.sweep NAME --run` and compared with "
+             "`python -m scripts.compare`, each next to the baseline commit; a sweep's rows are the "
+             "variants its params reach (train seconds and caption length from the experiment's "
+             "own outputs; – where that experiment ran elsewhere).", ""]
+    for path in files:
+        rows = read_json(path)
+        sweep = path.stem
+        lines += [f"### `{sweep}`", "", table(
+            ["experiment", "changed params", "variant", "CIDEr", "CLIPScore", "blind CIDEr",
+             "trainable params", "train time", "words per caption"],
+            [[r.get("experiment"), ", ".join(f"`{k}={v}`" for k, v in r.get("changes", {}).items())
+              or "–", f"`{r.get('variant')}`", fmt(r.get("cider")), fmt(r.get("clipscore")),
+              fmt(r.get("cider_blind")), fmt(r.get("trainable_params")),
+              "–" if r.get("train_seconds") is None else f"{r['train_seconds'] / 60:.1f} min",
+              fmt(r.get("caption_words"), 1)] for r in rows]), ""]
+        figure = path.with_suffix(".png")
+        if figure.is_file():
+            lines += [f"![{sweep}]({_copy(figure, out_dir, f'figures/sweeps/{sweep}.png')})", ""]
+    return lines
+
+
 def reproduce_section(variants, has):
     v = next(iter(variants))
     rows = [
@@ -354,6 +381,7 @@ def build_report(root, params, config, out_dir):
                   "Cosine similarity of each patch position's embedding with every other's (one "
                   "small map per position, laid out on the patch grid).", "",
                   f"![positional embedding similarity]({_copy(pos, out_dir, 'figures/pos_embed_similarity.png')})", ""]
+    lines += sweeps_section(root, out_dir)
     lines += world_section(root, config.world_metrics)
     lines += reproduce_section(variants, {"zeroshot": zs, "attention": attention})
     shown = {k: params[k] for k in PARAM_SECTIONS if k in params}

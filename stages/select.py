@@ -41,9 +41,9 @@ def main(argv=None):
     chosen = best_variant(scores)
     release = Path("release")
     with atomic_dir(release) as tmp:  # the whole folder appears at once
-        shutil.copy(Path("checkpoints") / chosen / "model.safetensors", tmp / "captioner.safetensors")
-        shutil.copy(world.encoder_json, tmp / "encoder.json")
-        shutil.copy(world.vocab_bpe, tmp / "vocab.bpe")
+        shutil.copyfile(Path("checkpoints") / chosen / "model.safetensors", tmp / "captioner.safetensors")
+        shutil.copyfile(world.encoder_json, tmp / "encoder.json")
+        shutil.copyfile(world.vocab_bpe, tmp / "vocab.bpe")
         write_json(tmp / "selected.json", {
             "variant": chosen, "scores": scores[chosen],
             "encoder": asdict(encoder), "decode": asdict(decode),

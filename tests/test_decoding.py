@@ -299,3 +299,26 @@ def test_bad_config():
     assert from_section(DecodeConfig, {"method": "beam", "beam_size": 3}, "d").beam_size == 3
     with pytest.raises(ValueError, match=r"params.yaml: decode: unknown .*'beam_width'"):
         from_section(DecodeConfig, {"beam_width": 3}, "params.yaml: decode")
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_repetition_control(method):
+    """no_repeat_ngram_size leaves no repeated n-gram; a repetition penalty changes the captions;
+    the cached and the naive steppers still give identical ids."""
+    model, visual = tiny_model("gated_cross", "lora", seed=3), images(6, seed=2)
+    with torch.no_grad():   # a decoder that loves one token: captions that loop
+        model.decoder.wte.weight[5] *= 4
+    base = DecodeConfig(method=method, beam_size=3, max_new_tokens=16, min_new_tokens=16)
+    plain = [h.tokens for h in generate(model, visual, base, EOT_ID)]
+    assert any(len(set(zip(t, t[1:]))) < len(t) - 1 for t in plain)   # repeated bigrams
+    for control in (dict(no_repeat_ngram_size=2), dict(repetition_penalty=1.5),
+                    dict(no_repeat_ngram_size=3, repetition_penalty=1.2)):
+        config = dataclasses.replace(base, **control)
+        cached = [h.tokens for h in generate(model, visual, config, EOT_ID)]
+        naive = [h.tokens for h in generate(model, visual, config, EOT_ID, cached=False)]
+        assert cached == naive and cached != plain, control
+        n = control.get("no_repeat_ngram_size")
+        if n:
+            for t in cached:
+                grams = [tuple(t[i:i + n]) for i in range(len(t) - n + 1)]
+                assert len(grams) == len(set(grams)), t

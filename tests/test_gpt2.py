@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from captioning import gpt2 as gpt2_module
 from captioning.gpt2 import (GPT2, CheckpointError, GPT2Config, config_from_state_dict,
                          course_state_dict, load_course_checkpoint, load_course_state_dict,
                          read_state_dict)
@@ -210,8 +211,20 @@ def test_missing_layer_is_refused(tmp_path):
         for k in [k for k in sd if k.startswith("h.0.")]:
             del sd[k]
     path = small_file(tmp_path, drop_layer_0)
-    with pytest.raises(CheckpointError, match=r"missing \['h\.0\.attn\.c_attn\.bias'"):
+    with pytest.raises(CheckpointError, match=r"1 blocks are missing \(e\.g\. h\.0\)"):
         load_course_checkpoint(path, n_head=N_HEAD)
+
+
+def test_a_crafted_block_number_builds_nothing(tmp_path, monkeypatch):
+    """h.100000.ln_1.weight beside a 2-block GPT-2 would make a 100,001-block model (~80 GB at
+    the demo's size): refused from the keys, before any block is built."""
+    built = []
+    monkeypatch.setattr(gpt2_module.Block, "__init__", lambda *a: built.append(1) or None)
+    path = small_file(tmp_path, lambda sd: sd.update({"h.100000.ln_1.weight": torch.zeros(32)}))
+    with pytest.raises(CheckpointError, match=r"up to h\.100000, but 99998 blocks are missing "
+                                              r"\(e\.g\. h\.2, h\.3"):
+        load_course_checkpoint(path, n_head=N_HEAD)
+    assert not built
 
 
 @pytest.mark.parametrize("key,shape", [("h.0.attn.c_proj.weight", (64, 32)),

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from common.atomic import atomic_dir, atomic_path, check_writable
+from tests.test_captioner import build, course_sd  # noqa: F401 (a fixture)
 from tests.tiny_world import build_tiny_world
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,6 +216,34 @@ def test_atomic_folder_gets_the_umask_permissions(tmp_path):
     assert (tmp_path / "release/a.json").stat().st_mode & 0o777 == 0o644
 
 
+def test_a_checkpoint_and_the_release_get_the_umask_permissions(tmp_path, monkeypatch, course_sd):
+    """safetensors replaces the file it writes with a new 0600 one: the checkpoint, and the
+    release made from it, must still be readable by another user (a TA's account)."""
+    from captioning.checkpoint import save_trainable
+    from stages import select
+    model = build(course_sd, "gated_cross", "lora")
+    old = os.umask(0o022)
+    try:
+        ckpt = tmp_path / "checkpoints" / "lora" / "model.safetensors"
+        save_trainable(model, ckpt)
+        assert ckpt.stat().st_mode & 0o777 == 0o644
+        world = build_tiny_world(tmp_path / "w")
+        (world / "metrics").mkdir()
+        (world / "metrics" / "lora.json").write_text('{"cider": 0.1}')
+        (world / "metrics" / "visual_prefix.json").write_text('{"cider": 0.0}')
+        (world / "checkpoints" / "lora").mkdir(parents=True)
+        shutil.copyfile(ckpt, world / "checkpoints" / "lora" / "model.safetensors")
+        os.chmod(world / "hw3_data/p2_data/encoder.json", 0o600)   # a user's own file
+        monkeypatch.chdir(world)
+        select.main([])
+    finally:
+        os.umask(old)
+    release = world / "release"
+    assert sorted((p.name, p.stat().st_mode & 0o777) for p in release.iterdir()) == [
+        ("captioner.safetensors", 0o644), ("encoder.json", 0o644), ("selected.json", 0o644),
+        ("vocab.bpe", 0o644)]
+
+
 def test_an_output_path_that_names_an_input_is_refused(tmp_path):
     image, elsewhere = tmp_path / "a.png", tmp_path / "b.json"
     image.write_bytes(b"png")
@@ -234,3 +263,31 @@ def test_an_output_path_that_names_an_input_is_refused(tmp_path):
         with atomic_path(out) as tmp:
             tmp.write_bytes(b"output")
         assert image.read_bytes() == b"png" and out.read_bytes() == b"output"
+
+
+def test_a_stage_dies_with_the_dvc_that_started_it(tmp_path):
+    """SIGKILL to `dvc` alone must not leave the stage's python running as an orphan that writes
+    outputs later: run_stage asks the kernel to kill it with its parent."""
+    pid_file = tmp_path / "child.pid"
+    child = (f"import os, time; from common.errors import run_stage; "
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+             f"run_stage(lambda: time.sleep(60))")
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, sys, time; subprocess.Popen([sys.executable, "
+                               f"'-c', {child!r}]); time.sleep(60)"], cwd=Path(__file__).parents[1],
+                              env=ENV)
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the stage outlived the process that started it")

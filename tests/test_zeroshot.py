@@ -326,3 +326,13 @@ def test_id2label_with_a_key_written_twice_is_refused(tmp_path):
     path.write_text('{"0": "cat", "1": "dog", "0": "bird"}')
     with pytest.raises(zs.LabelMapError, match="id 0 appears twice"):
         zs.read_id2label(path)
+
+
+def test_a_torchscript_file_is_refused_without_running_it(tmp_path):
+    """TorchScript runs code at load, and clip.load's fallback would unpickle the file without
+    restriction: a path to one is refused, naming it; CLIP names still go to clip.load."""
+    from evaluation.clip_io import CheckpointError, load_clip
+    ts = tmp_path / "clip.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), ts)
+    with pytest.raises(CheckpointError, match=rf"{ts}: a TorchScript archive.*give the CLIP's name"):
+        load_clip(ts)
