@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 HF_HUB_OFFLINE ?= 1
 export HF_HUB_OFFLINE
 
-.PHONY: env java repro test plots-template
+.PHONY: env java repro test plots-template restore
 env: $(VENV)/.installed .dvc/plots_offline.html
 
 # The caption metrics run Java tools (PTBTokenizer, METEOR): say so before any long work.
@@ -32,6 +32,13 @@ plots-template: .dvc/plots_offline.html
 
 repro: java env
 	dvc repro
+
+# DVC deletes a stage's outputs before running it: after a stage stopped (bad input, killed),
+# this brings back what the last completed run wrote: the files git tracks that are now deleted
+# (metrics, curves), then the cached outputs that dvc.lock names (a failed run leaves it as was).
+restore:
+	git ls-files -z --deleted | xargs -0 -r git checkout --
+	dvc checkout
 
 test: java env
 	python -m pytest -q tests

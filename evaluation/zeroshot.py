@@ -241,6 +241,16 @@ def score(pred_ids, true_ids, id2label, n_pairs=10):
     return Scores(correct / n if n else float("nan"), n, per_class, confused)
 
 
+def confident_examples(probs, pred, true, k):
+    """(successes, failures): the rows of the `k` most confident right predictions and of the `k`
+    most confident wrong ones, among the labelled images (true label not None)."""
+    confidence = probs.max(dim=-1).values.tolist()
+    labelled = [i for i, t in enumerate(true) if t is not None]
+    ranked = sorted(labelled, key=lambda i: (-confidence[i], i))
+    return ([i for i in ranked if pred[i] == true[i]][:k],
+            [i for i in ranked if pred[i] != true[i]][:k])
+
+
 def top_k(probs_row, id2label, k=5):
     """[(class id, name, probability)] of the k most probable classes, most probable first."""
     ids = list(id2label)

@@ -18,6 +18,7 @@ token num_prefix_tokens + r * grid_w + c, as a ViT flattens its conv output). Fr
    and centre crop) and overlay it as a heatmap, each panel on its own colour scale (its min to
    its max), since maps of different words differ in total mass (prefix bridge: not normalised).
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -295,6 +296,35 @@ def plot_attention_grid(path, image, word_maps_, config, title=""):
     fig.tight_layout()
     save_figure(fig, path)
     return drawn
+
+
+def plot_layer_comparison(path, image, model, tokenizer, hypothesis, num_prefix_tokens, grid,
+                          config, title=""):
+    """One row per decoder block with attention over the image, one column per word: where each
+    layer looks for each word (each panel on its own colour scale)."""
+    plt = pyplot()
+    blocks = captured_blocks(model)
+    rows = [word_maps(model, tokenizer, hypothesis, num_prefix_tokens, grid,
+                      dataclasses.replace(config, layers=[b])) for b in blocks]
+    H, W = image.size[1], image.size[0]
+    labels = rows[0].labels
+    fig, axes = plt.subplots(len(blocks), len(labels), squeeze=False,
+                             figsize=(1.9 * len(labels), 1.9 * len(blocks) + (0.4 if title else 0)))
+    pixels = np.asarray(image)
+    for r, (block, wm) in enumerate(zip(blocks, rows)):
+        for c, m in enumerate(upsample(wm.maps, (H, W), config.upsample)):
+            ax = axes[r][c]
+            ax.set_axis_off()
+            ax.imshow(pixels)
+            m = m.numpy()
+            lo, hi = float(m.min()), float(m.max())
+            ax.imshow(m, cmap=config.cmap, alpha=config.alpha, vmin=lo,
+                      vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+            ax.set_title(f"block {block}: {labels[c]}" if c == 0 else labels[c], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def caption_with_maps(model, tokenizer, visual_tokens, decode_config, num_prefix_tokens, grid,

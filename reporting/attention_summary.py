@@ -14,6 +14,21 @@ import torch
 from reporting.attention_maps import peak
 
 
+def caption_flags(caption, vocab, objects=None):
+    """What is wrong with a caption, as the reports saw it: words repeated (a word twice in a row,
+    or a pair of words said twice), and, where the image's objects are known, whether it names
+    none of them (no shape word of the caption is the shape of an object in the image)."""
+    words = [w.lower().strip(".,;:!?") for w in caption.split()]
+    repeated = {a for a, b in zip(words, words[1:]) if a == b}
+    pairs = list(zip(words, words[1:]))
+    repeated |= {" ".join(p) for i, p in enumerate(pairs) if p in pairs[i + 2:]}
+    flags = {"repeated_words": sorted(repeated)}
+    if objects is not None:
+        shapes = {ob["shape"] for ob in objects}
+        flags["names_an_object"] = any(vocab.get(w) in shapes for w in words)
+    return flags
+
+
 def shape_vocabulary(shape_words):
     """{caption word: shape} from {shape: (synonyms...)}: each synonym and its plural; a
     two-word synonym ("plus sign", "round shape") counts by its first word."""

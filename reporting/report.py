@@ -243,11 +243,14 @@ def zeroshot_section(root, out_dir, zs, details):
                           ("confusion.png", "confusion matrix")):
         if (figures / name).is_file():
             lines += [f"![{caption}]({_copy(figures / name, out_dir, f'figures/zeroshot/{name}')})", ""]
-    top5 = sorted(figures.glob("top5_*.png")) if figures.is_dir() else []
-    if top5:
-        lines += ["Top-5 predictions of sampled images:", ""]
-        lines += [f"![top-5]({_copy(p, out_dir, f'figures/zeroshot/{p.name}')})" for p in top5]
-        lines.append("")
+    for kind, caption in (("success", "the most confident right predictions"),
+                          ("failure", "the most confident wrong predictions")):
+        top5 = sorted(figures.glob(f"top5_{kind}_*.png")) if figures.is_dir() else []
+        if top5:
+            lines += [f"Top-5 classes of {caption}:", ""]
+            lines += [f"![top-5 {kind}]({_copy(p, out_dir, f'figures/zeroshot/{p.name}')})"
+                      for p in top5]
+            lines.append("")
     return lines
 
 
@@ -263,12 +266,17 @@ def attention_section(root, out_dir, summary):
              "scale.", ""]
     for e in summary.get("p3", []):
         name = Path(e["figure"]).name
-        lines += [f"**{e['name']}**: {e['caption']}", "",
+        lines += [f"**{e['name']}**: {e['caption']}{flag_text(e)}", "",
                   f"![{e['name']}]({_copy(figures / name, out_dir, f'figures/attention/{name}')})", ""]
+        if e.get("layers_figure"):
+            name = Path(e["layers_figure"]).name
+            lines += [f"Each decoder layer's maps for **{e['name']}** (one row per block with "
+                      "attention over the image):", "",
+                      f"![layers]({_copy(figures / name, out_dir, f'figures/attention/{name}')})", ""]
     for which, e in (summary.get("val") or {}).items():
         name = Path(e["figure"]).name
         lines += [f"**Val image with the {which} CLIPScore** ({e['name']}, CLIPScore "
-                  f"{fmt(e.get('clipscore'))}): {e['caption']}", "",
+                  f"{fmt(e.get('clipscore'))}): {e['caption']}{flag_text(e)}", "",
                   f"![val {which}]({_copy(figures / name, out_dir, f'figures/attention/{name}')})", ""]
     hits = summary.get("shape_word_hits")
     if hits:
@@ -287,6 +295,16 @@ def attention_section(root, out_dir, summary):
                              "object with the most attention", "peak in a box of the named shape"],
                             rows), ""]
     return lines
+
+
+def flag_text(entry):
+    """A caption's flags (stages/visualize.py), as a few words after it."""
+    flags = []
+    if entry.get("repeated_words"):
+        flags.append("repeats " + ", ".join(f"“{w}”" for w in entry["repeated_words"]))
+    if entry.get("names_an_object") is False:
+        flags.append("names no object of the image")
+    return f" — **flagged: {'; '.join(flags)}**" if flags else ""
 
 
 def world_section(root, files):

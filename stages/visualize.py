@@ -7,11 +7,14 @@ heatmap per word, the end token last. Also draws the encoder's positional-embedd
 
 Reads params `world` and `visualize` (stages.params.VisualizeConfig: the attention maps'
 settings, overrides of the released decoding settings, and `objects`, a JSON file of what the
-p3 images show, with which the summary tells which object each shape word looks at). Image tokens come from the feature cache (features/p3.h5, features/val.h5), as in the decode
-stage, so the captions are the pipeline's own.
+p3 images show, with which the summary tells which object each shape word looks at). Image
+tokens come from the feature cache (features/p3.h5, features/val.h5), as in the decode stage, so
+the captions are the pipeline's own. Each caption is flagged for repeated words and, where the
+objects are known, for naming none of them.
 
-Writes figures/attention/ whole: <p3 name>.png, val_best.png, val_worst.png, summary.json;
-and figures/pos_embed_similarity.png.
+Writes figures/attention/ whole: <p3 name>.png, layers_<first p3 name>.png (each decoder layer's
+maps, one row per layer), val_best.png, val_worst.png, summary.json; and
+figures/pos_embed_similarity.png.
 """
 import argparse
 import dataclasses
@@ -26,8 +29,10 @@ from common.errors import read_json, run_stage
 from common.imageio import list_images, load_rgb
 from evaluation.features import FeatureFile
 from inference.release import load_release
-from reporting.attention_maps import AttentionMapConfig, caption_with_maps, encoder_view, plot_attention_grid
-from reporting.attention_summary import count_hits, describe_peak, shape_vocabulary, shape_words_report
+from reporting.attention_maps import (AttentionMapConfig, caption_with_maps, encoder_view,
+                                      plot_attention_grid, plot_layer_comparison)
+from reporting.attention_summary import (caption_flags, count_hits, describe_peak, shape_vocabulary,
+                                         shape_words_report)
 from common.params import from_section, load_params
 from reporting.pos_embed import patch_positional_embeddings, plot_similarity_grid
 from stages.world import World
@@ -53,8 +58,10 @@ class Drawer:
         self.model, self.tokenizer, self.encoder = model, tokenizer, encoder
         self.decode_config, self.map_config, self.vocab = decode_config, map_config, vocab
 
-    def __call__(self, folder, figure, features, name, image_path, title="", objects=None):
-        """Draw into folder/figure; the summary names it OUT/figure (where it will end up)."""
+    def __call__(self, folder, figure, features, name, image_path, title="", objects=None,
+                 layers_figure=None):
+        """Draw into folder/figure (and, with `layers_figure`, one row per decoder layer into
+        folder/layers_figure); the summary names them under OUT (where they will end up)."""
         tokens = features[features.index_of(name)]
         caption, hyp, maps = caption_with_maps(self.model, self.tokenizer, tokens,
                                                self.decode_config, features.num_prefix_tokens,
@@ -62,9 +69,15 @@ class Drawer:
         view = encoder_view(self.encoder.preprocess, load_rgb(image_path))
         drawn = plot_attention_grid(folder / figure, view.image, maps, self.map_config,
                                     title=f"{name}: {caption}" + (f"\n{title}" if title else ""))
+        layers = {}
+        if layers_figure:
+            plot_layer_comparison(folder / layers_figure, view.image, self.model, self.tokenizer,
+                                  hyp, features.num_prefix_tokens, features.grid, self.map_config,
+                                  title=f"{name}: {caption} (each decoder layer)")
+            layers = {"layers_figure": str(OUT / layers_figure)}
         return {
             "name": name, "image": str(image_path), "figure": str(OUT / figure), "caption": caption,
-            "ended": hyp.ended,
+            "ended": hyp.ended, **layers, **caption_flags(caption, self.vocab, objects),
             "words": [{"word": label, **describe_peak(d.numpy(), view, features.grid)}
                       for label, d in zip(maps.labels, drawn)],
             "shape_words": shape_words_report(maps.labels, drawn, view, features.grid,
@@ -119,7 +132,8 @@ def main(argv=None):
             if name not in p3_paths:
                 sys.exit(f"{p3_dir}: no image for feature row {name!r}")
             p3_entries.append(draw(tmp, f"{name}.png", p3, name, p3_paths[name],
-                                   objects=None if objects is None else objects.get(name)))
+                                   objects=None if objects is None else objects.get(name),
+                                   layers_figure=f"layers_{name}.png" if not p3_entries else None))
         val_entries = {}
         for which, (score, name) in (("best", ranked[-1]), ("worst", ranked[0])):
             if name not in val_paths:

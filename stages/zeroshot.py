@@ -5,7 +5,6 @@ per-class accuracy and most-confused pairs, and figures.
     python -m stages.zeroshot            (reads params.yaml: zeroshot)
 """
 import argparse
-import random
 import sys
 from pathlib import Path
 
@@ -72,15 +71,15 @@ def main(argv=None):
     })
     zs.write_predictions_csv(PREDICTIONS, [p.name for p in emb.paths], pred)
 
-    rng = random.Random(cfg.seed)
-    sample = sorted(rng.sample(range(len(emb.paths)), min(cfg.n_top5, len(emb.paths))))
-    top5 = []
-    for k, i in enumerate(sample):
-        rows = zs.top_k(probs[i], id2label, 5)
-        top5.append(dict(filename=emb.paths[i].name, true=true[i],
-                         top5=[dict(id=c, name=n, prob=p) for c, n, p in rows]))
-        zs.plot_top5(FIGURES / f"top5_{k}.png", load_rgb(emb.paths[i]), emb.paths[i].name, rows,
-                     true[i], id2label.get(true[i]))
+    top5 = []   # the most confident right and wrong predictions: what the model does and misses
+    successes, failures = zs.confident_examples(probs, pred, true, cfg.n_top5)
+    for kind, rows_of in (("success", successes), ("failure", failures)):
+        for k, i in enumerate(rows_of):
+            rows = zs.top_k(probs[i], id2label, 5)
+            top5.append(dict(kind=kind, filename=emb.paths[i].name, true=true[i],
+                             top5=[dict(id=c, name=n, prob=p) for c, n, p in rows]))
+            zs.plot_top5(FIGURES / f"top5_{kind}_{k}.png", load_rgb(emb.paths[i]),
+                         emb.paths[i].name, rows, true[i], id2label.get(true[i]))
 
     write_json(DETAILS, {
         "clip": cfg.clip, "predict_with": cfg.predict_with, "best_single_template": best_single,

@@ -306,6 +306,9 @@ def test_visualize_stage_draws_every_word_for_both_bridge_kinds(tmp_path, clip_p
         assert (out / f"{n}.png").stat().st_size > 1000
     assert summary["val"]["best"]["name"] == "v1" and summary["val"]["worst"]["name"] == "v2"
     assert summary["ground_truth_objects"] and summary["shape_word_hits"] is not None
+    assert (out / "layers_bike.png").stat().st_size > 1000   # one row per decoder layer
+    assert summary["p3"][0]["layers_figure"] == "figures/attention/layers_bike.png"
+    assert all({"repeated_words", "names_an_object"} <= e.keys() for e in summary["p3"])
     for e in summary["p3"]:
         # one panel per whitespace word of the caption, then the end token if generated
         words = [w["word"] for w in e["words"]]
@@ -362,7 +365,7 @@ def fabricate_outputs(root, cider=0.8123):
     write("metrics/demo_gpt2.json", {"val_loss": 1.2345, "epochs": 3})
     (root / "figures" / "zeroshot").mkdir(parents=True)
     fig = Image.new("RGB", (8, 8))
-    for name in ("template_accuracy.png", "top5_0.png", "top5_1.png"):
+    for name in ("template_accuracy.png", "top5_success_0.png", "top5_failure_0.png"):
         fig.save(root / "figures" / "zeroshot" / name)
     (root / "figures" / "attention").mkdir(parents=True)
     fig.save(root / "figures" / "attention" / "bike.png")
@@ -394,7 +397,7 @@ def test_report_renders_every_section_from_the_pipeline_outputs(tmp_path, monkey
                  "| bike | box | (2, 3) | red square at (40, 30) |"):
         assert text in page, text
     for rel in ("figures/training_curves.png", "figures/variant_scores.png",
-                "figures/zeroshot/top5_1.png", "figures/attention/bike.png"):
+                "figures/zeroshot/top5_failure_0.png", "figures/attention/bike.png"):
         assert (tmp_path / "report" / rel).is_file() and f"]({rel})" in page
     # every variant's curves in one table per kind, for `dvc plots`; the summary figures as images
     val = json.loads((tmp_path / "plots" / "variants" / "val.json").read_text())
@@ -421,3 +424,14 @@ def test_report_names_a_missing_metrics_file(tmp_path, monkeypatch):
     with pytest.raises(ReportError, match="live/train/prefix_bridge/metrics.json: missing"):
         report.main([])   # which run_stage reports as one line
     assert not (tmp_path / "report").exists()
+
+
+def test_caption_flags():
+    from reporting.attention_summary import caption_flags
+    vocab = shape_vocabulary({"square": ("square", "box"), "star": ("star",)})
+    objects = [{"shape": "square", "colour": "red", "cx": 1, "cy": 1, "extent": 2}]
+    assert caption_flags("a red box on a blue star", vocab, objects) == {
+        "repeated_words": [], "names_an_object": True}
+    assert caption_flags("a red red star star.", vocab, objects) == {
+        "repeated_words": ["red", "star"], "names_an_object": False}
+    assert caption_flags("a red box and a red box", vocab) == {"repeated_words": ["a red", "red box"]}
