@@ -1,7 +1,7 @@
 """Decoding: what the key/value cache and batching each buy, measured apart and together, side
 by side in one run (interleaved rounds; the median and the spread of each ratio printed).
 
-    python -m bench.decode --small                      # toy size, ~1 minute on 2 CPU cores
+    python -m bench.decode --small                      # toy size, about a minute on 2 CPU cores
     python -m bench.decode                              # real size, ~10 minutes on 2 CPU cores
     python -m bench.decode --device cuda --images 64 --rounds 5
 
@@ -100,7 +100,7 @@ def main(argv=None):
     p.add_argument("--small", action="store_true",
                    help="toy size (the demo world's GPT-2 4 x 128 and 10 x 128 image tokens): a "
                         "quick check")
-    p.add_argument("--images", type=int, default=0, help="N (default: real 4, --small 16)")
+    p.add_argument("--images", type=int, default=0, help="N (default: real 4, --small 8)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the four sides")
     p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--beam-size", type=int, default=5)
@@ -108,14 +108,15 @@ def main(argv=None):
     add_device_args(p)
     args = p.parse_args(argv)
     device = use_device(args)
-    n = args.images or (16 if args.small else 4)
+    n = args.images or (8 if args.small else 4)
     if args.small:
         decoder, source = demo_decoder()
         tokens, width = 10, 128   # the demo CLIP: 1 + 3 x 3 tokens x 128
     else:
         decoder, source = real_decoder()
         tokens, width = 257, 1024   # ViT-L/14
-    model = build_variant(decoder, "gated_cross:lora", width, tokens, perturb=True).to(device).eval()
+    model = build_variant(decoder, "gated_cross:lora", width, tokens, perturb=True)
+    model = model.to(device).eval()
     visual = torch.randn(n, tokens, width, generator=torch.Generator().manual_seed(1)).to(device)
     print(f"device {device}, {args.threads} CPU threads; gated_cross:lora on {source}, image "
           f"tokens {tokens} x {width} (random); N = {n} images, {args.max_new_tokens} new tokens "

@@ -5,13 +5,12 @@
 # gpu_table.md, gpu_log.txt, hw3_2_log.txt), so a timeout loses nothing.
 #
 #   here, first:      bash bench/device_checks.sh --prepare
-#   device tool:      command "bash bench/device_checks.sh", timeout_s 400
+#   device tool:      command "bash bench/device_checks.sh", timeout_s 400, carry ["gpucarry"]
 #   dry run here:     PYTHON=.venv/bin/python bash bench/device_checks.sh --device cpu --small
 #
 # The GPU machine has torch, timm, h5py, tokenizers, numpy, PIL and safetensors but not loralib,
 # clip (clip-anytorch), ftfy or wcwidth, and it cannot download them: --prepare copies those
-# pure-Python packages out of .venv into gpucarry/, which the device tool copies with the working
-# tree because it is neither tracked nor ignored. Do not commit gpucarry/. Arguments after the
+# packages out of .venv into gpucarry/ (git-ignored), which the device tool's `carry` brings. Arguments after the
 # options are passed to bench/gpu.py (e.g. --steps train hw3_2, --variants gated_cross:lora).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +22,7 @@ if [ "${1:-}" = "--prepare" ]; then
   # loralib: the LoRA layers; clip (with ftfy, wcwidth): captions are capped to CLIP's 77 tokens
   for pkg in loralib clip ftfy wcwidth; do cp -r "$site/$pkg" gpucarry/; done
   echo "gpucarry/ holds: $(ls gpucarry | tr '\n' ' ')"
-  echo "now call the device tool with: command \"bash bench/device_checks.sh\", timeout_s 400"
+  echo "now call the device tool with: command \"bash bench/device_checks.sh\", timeout_s 400, carry [\"gpucarry\"]"
   exit 0
 fi
 

@@ -10,7 +10,8 @@ nothing; a markdown table of everything closes the run (also $OUT/gpu_table.md).
 
 Steps, in this order:
   checks   imports (the packages hw3_2.sh needs too) and CUDA, within 15 s: versions, the GPU;
-           stops at once, saying why, if a package is missing or --device cuda has no CUDA.
+           stops at once, saying why, if --device cuda has no CUDA or a package every step needs
+           is missing (one that only some steps need: a warning naming them).
   build    the frozen decoder, a table of random image tokens on the device, the tokenizer.
   train    the eager training step of every variant at batch 64 and 256, captions in random
            order and by image (train.group_by_image), as train() takes it (bench.common.
@@ -29,23 +30,22 @@ Steps, in this order:
            gated_cross:adapter, visual_prefix:lora at batch 64: the first pass (compilation and
            graph recording) and the steady step time, against eager on the same batches.
 """
+import argparse
+import contextlib
+import copy
+import dataclasses
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+import traceback
+from pathlib import Path
 
-START = time.monotonic()   # the checks' 15 s count from here, before torch is imported
-
-import argparse   # noqa: E402  (stdlib only before the checks)
-import contextlib   # noqa: E402
-import copy   # noqa: E402
-import dataclasses   # noqa: E402
-import importlib   # noqa: E402
-import json   # noqa: E402
-import os   # noqa: E402
-import signal   # noqa: E402
-import subprocess   # noqa: E402
-import sys   # noqa: E402
-import tempfile   # noqa: E402
-import traceback   # noqa: E402
-from pathlib import Path   # noqa: E402
+START = time.monotonic()   # the standard library only so far: torch is imported by the checks
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["gated_cross:lora", "gated_cross:adapter", "gated_cross:prefix_tuning",
@@ -97,8 +97,14 @@ class Results:
         print(line, flush=True)
         self.save()
 
-    def rows(self, step):
-        return [r for r in self.data["rows"] if r["step"] == step]
+    def rows(self, step, failed=False):
+        """The step's measured rows (failed: those that failed or were skipped instead)."""
+        return [r for r in self.data["rows"] if r["step"] == step
+                and ("error" in r or "skipped" in r) == failed]
+
+    def skip(self, step, label, **ids):
+        self.row(step, f"{step} {label}: skipped, the step's cap is near",
+                 skipped="the step's cap was near", **ids)
 
     def save(self):
         if self.out:
@@ -149,6 +155,9 @@ def run_step(name, results, budget, fn, *args):
         traceback.print_exc()
         status = f"failed: {type(e).__name__}: {e}"
     used = time.monotonic() - start
+    missed = len(results.rows(name, failed=True))
+    if missed and status == "done":
+        status = f"done; {missed} measurement(s) failed or skipped"
     results.step(name, status=status, seconds=round(used, 1))
     print(f"== {name}: {status} ({used:.0f} s)", flush=True)
     return value
@@ -181,7 +190,8 @@ def checks(args, results):
     import torch
     info = dict(python=sys.version.split()[0], torch=torch.__version__,
                 cuda_build=torch.version.cuda, packages=versions, import_warnings=warnings,
-                cpu_cores=os.cpu_count(), started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+                cpu_cores=os.cpu_count(),
+                started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -252,7 +262,8 @@ def build(deadline, args, results):
     n_val = size["val_images"] or TrainConfig().val_images
     names = [f"val_{i:05d}" for i in range(n_val)]
     captions = random_captions(5 * n_val, decoder.config.vocab_size, seed=7)
-    refs = {n: [tokenizer.decode(c) for c in captions[5 * i:5 * i + 5]] for i, n in enumerate(names)}
+    refs = {n: [tokenizer.decode(c) for c in captions[5 * i:5 * i + 5]]
+            for i, n in enumerate(names)}
     val_tokens = torch.randn(n_val, V, D, generator=torch.Generator().manual_seed(1)).half()
     val = CaptionPairs((names, val_tokens), refs, tokenizer)
     if device.type == "cuda":
@@ -344,17 +355,31 @@ def compile_backend(device):
         return contextlib.nullcontext()
     from unittest import mock
     real = torch.compile
-    return mock.patch.object(torch, "compile", lambda fn, mode=None, **kw: real(fn, backend="eager"))
+    return mock.patch.object(torch, "compile",
+                             lambda fn, mode=None, **kw: real(fn, backend="eager"))
 
 
 # --- train --------------------------------------------------------------------------------------
 
+def guarded(results, step, label, fn, **ids):
+    """fn(), or, if it raises, a row saying so (the step goes on with its next measurement)."""
+    try:
+        return fn()
+    except Exception as e:
+        traceback.print_exc()
+        results.row(step, f"{step} {label}: FAILED: {type(e).__name__}: {e}",
+                    error=f"{type(e).__name__}: {e}", **ids)
+        return None
+
+
 def measure_train(ctx, model, batch, kind, warmup, steps, profiled):
-    import torch
+    """The eager training step of `model` on `batch` captions composed as `kind` says."""
+    import math
     from bench import flops
     from bench.common import (IdTokenizer, caption_batches, captions_per_image, mean_text_len,
                               peak_gib, peak_reset, training_steps)
     from training.loop import TrainConfig
+    cuda = ctx.device.type == "cuda"
     vocab = ctx.decoder.config.vocab_size
     batches = caption_batches(len(ctx.table), warmup + steps + profiled, batch, vocab,
                               by_image=kind == "by image", seed=batch)
@@ -377,66 +402,100 @@ def measure_train(ctx, model, batch, kind, warmup, steps, profiled):
         except Exception as e:   # the step time still counts
             print(f"GPU busy time not measured: {type(e).__name__}: {e}", flush=True)
             busy = None
+    if not math.isfinite(loss):
+        raise RuntimeError(f"loss {loss}")
     step_s = event_s / steps
     rate = batch / step_s
-    out = dict(captions_per_s=rate, step_ms=1000 * step_s, wall_ms=1000 * wall_s / steps,
-               busy_ms=None if busy is None else 1000 * busy, loss=loss, text_len=round(mean_text_len(timed), 1),
-               captions_per_image=round(captions_per_image(timed), 2),
-               tflops=rate * per_caption / 1e12,
-               peak_gib=peak_gib(ctx.device) if ctx.device.type == "cuda" else None,
-               epoch_train_s=TRAIN_CAPTIONS / rate)
-    cuda = ctx.device.type == "cuda"
-    out.update(host_bound=max(0.0, 1 - busy / step_s) if cuda and busy else None,
-               mfu=rate * per_caption / ctx.peak if cuda else None)
-    if not torch.isfinite(torch.tensor(loss)):
-        raise RuntimeError(f"{model.config.peft.method}: loss {loss}")
-    return out
+    return dict(captions_per_s=rate, step_ms=1000 * step_s, wall_ms=1000 * wall_s / steps,
+                busy_ms=None if busy is None else 1000 * busy,
+                host_bound=max(0.0, 1 - busy / step_s) if cuda and busy else None,
+                tflops=rate * per_caption / 1e12,
+                mfu=rate * per_caption / ctx.peak if cuda else None,
+                peak_gib=peak_gib(ctx.device) if cuda else None, loss=loss,
+                text_len=round(mean_text_len(timed), 1),
+                captions_per_image=round(captions_per_image(timed), 2),
+                epoch_train_s=TRAIN_CAPTIONS / rate)
 
 
 def step_train(deadline, ctx, results):
     import torch
-    args = ctx.args
     print("host-bound share: " + HOST_BOUND_METHOD, flush=True)
-    small, large = SMALL["batches"] if args.small else REAL["batches"]
-    plan = {small: (3, 10, 2), large: (2, 5, 2)}   # warm-up, timed, profiled steps
-    if args.small:
-        plan = {small: (1, 2, 1), large: (1, 2, 1)}
-    took = {}   # batch -> seconds of its last measurement: is there time for another?
+    small, large = (SMALL if ctx.args.small else REAL)["batches"]
+    # warm-up, timed and profiled steps per measurement
+    plan = {small: (1, 2, 1), large: (1, 2, 1)} if ctx.args.small else \
+        {small: (3, 10, 2), large: (2, 5, 2)}
+    took = {}   # batch -> seconds of its last measurement: is there time for one more?
     for batch in (small, large):   # batch 64 of every variant first: the epoch targets
-        for variant in args.variants:
-            model = build_variant_on(ctx, variant)
+        for variant in ctx.args.variants:
+            model = guarded(results, "train", f"{variant}: building it",
+                            lambda: build_variant_on(ctx, variant), variant=variant, batch=batch)
+            if model is None:
+                continue
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             for kind in ("random", "by image"):
-                if deadline.left() < 1.5 * took.get(batch, 0):
-                    print(f"train {variant} batch {batch} {kind}: skipped, its cap is near",
-                          flush=True)
+                expected = took.get(batch, 4 * took.get(small, 0))
+                if deadline.left() < 1.5 * expected:
+                    results.skip("train", f"{variant} batch {batch} {kind}", variant=variant,
+                                 batch=batch, batches=kind)
                     continue
                 start = time.monotonic()
-                m = measure_train(ctx, model, batch, kind, *plan[batch])
+                ids = dict(variant=variant, batch=batch, batches=kind)
+                m = guarded(results, "train", f"{variant} batch {batch} {kind}",
+                            lambda: measure_train(ctx, model, batch, kind, *plan[batch]), **ids)
                 took[batch] = time.monotonic() - start
+                if m is None:
+                    continue
                 ctx.rates[variant, batch, kind] = m["captions_per_s"]
-                hb = "n/a" if m["host_bound"] is None else f"{m['host_bound']:.0%}"
-                mfu = "n/a" if m["mfu"] is None else f"{m['mfu']:.1%}"
                 results.row("train", f"train {variant:<27} batch {batch:>3} {kind:<8}: "
                             f"{m['captions_per_s']:>8,.0f} captions/s, {m['step_ms']:.1f} ms/step "
-                            f"(wall {m['wall_ms']:.1f}), busy {fmt(m['busy_ms'], '.1f')} ms, host-bound "
-                            f"{hb}, {m['tflops']:.1f} TFLOP/s, MFU {mfu}, peak "
-                            f"{fmt(m['peak_gib'], '.1f')} GiB; epoch of {TRAIN_CAPTIONS} captions "
-                            f"{m['epoch_train_s']:.0f} s", variant=variant, batch=batch,
-                            batches=kind, trainable_m=round(trainable / 1e6, 2), **m)
-            del model
+                            f"(wall {m['wall_ms']:.1f}), device busy "
+                            f"{fmt(m['busy_ms'], '.1f')} ms, "
+                            f"host-bound {fmt(m['host_bound'], '.0%')}, {m['tflops']:.1f} TFLOP/s, "
+                            f"MFU {fmt(m['mfu'], '.1%')}, peak {fmt(m['peak_gib'], '.1f')} GiB; "
+                            f"epoch of {TRAIN_CAPTIONS} captions {m['epoch_train_s']:.0f} s",
+                            trainable_m=round(trainable / 1e6, 2), **ids, **m)
+            model = None   # its memory back before the next variant's
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
 
 
 # --- epoch --------------------------------------------------------------------------------------
 
-def step_epoch(deadline, ctx, results):
+def measure_evaluation(ctx, variant, config, subset):
+    """(seconds of training.loop.evaluate as train() calls it, of which greedy decoding)."""
     from unittest import mock
     import training.loop as loop
     from bench.common import IdTokenizer, caption_batches, sync, training_steps
+    from training.loop import evaluate
+    model = build_variant_on(ctx, variant)
+    decode_s = []
+    real_caption_features = loop.caption_features
+
+    def timed_decode(*a, **kw):
+        t = time.perf_counter()
+        out = real_caption_features(*a, **kw)
+        sync(ctx.device)
+        decode_s.append(time.perf_counter() - t)
+        return out
+    warm = caption_batches(len(ctx.table), 1, config.batch_size, ctx.decoder.config.vocab_size)
+    with training_steps(model, ctx.table, IdTokenizer(ctx.tokenizer.eot_id), config,
+                        ctx.device) as step, \
+            mock.patch.object(loop, "caption_features", timed_decode), \
+            mock.patch.object(loop, "tokenize_pair", lambda *a: (None, None)), \
+            mock.patch.object(loop, "cider", lambda *a: (0.0, None)):
+        step(warm[0], config.lr).item()   # as after an epoch's training: warm
+        t = time.perf_counter()
+        _, _, predictions = evaluate(model, ctx.val, ctx.tokenizer, config, ctx.device, subset)
+        sync(ctx.device)
+        eval_s = time.perf_counter() - t
+    assert len(predictions) == len(subset)
+    return eval_s, sum(decode_s)
+
+
+def step_epoch(deadline, ctx, results):
+    import torch
     from captioning.decoding import DecodeConfig
-    from training.loop import TrainConfig, evaluate
+    from training.loop import TrainConfig
     batch = (SMALL if ctx.args.small else REAL)["batches"][0]
     config = TrainConfig(batch_size=batch)
     subset = sorted(ctx.val.references)[:config.val_images or None]
@@ -444,53 +503,36 @@ def step_epoch(deadline, ctx, results):
           f"training.loop.evaluate as train() calls it every epoch, inside the run's speed-ups: "
           f"val loss on {len(subset)} images x 5 captions, greedy decoding of {len(subset)} "
           f"images (batch {config.val_batch_size}). Random weights never emit the end token, so "
-          f"every greedy caption runs the full {DecodeConfig().max_new_tokens} new tokens (trained ones end after ~12-15): "
-          "an upper bound. The val CIDEr itself (Java PTBTokenizer + pycocoevalcap, not on the "
-          "GPU machine) is left out.", flush=True)
+          f"every greedy caption runs the full {DecodeConfig().max_new_tokens} new tokens "
+          "(trained ones end after ~12-15): an upper bound. The val CIDEr itself (Java "
+          "PTBTokenizer + pycocoevalcap, not on the GPU machine) is left out.", flush=True)
     took = 0.0
     for variant in ctx.args.variants:
         if deadline.left() < 1.5 * took:
-            print(f"epoch {variant}: skipped, its cap is near", flush=True)
+            results.skip("epoch", variant, variant=variant, batch=batch)
             continue
         start = time.monotonic()
-        model = build_variant_on(ctx, variant)
-        decode_s = [0.0]
-        real_caption_features = loop.caption_features
-
-        def timed_decode(*a, **kw):
-            t = time.perf_counter()
-            out = real_caption_features(*a, **kw)
-            sync(ctx.device)
-            decode_s[0] += time.perf_counter() - t
-            return out
-        warm = caption_batches(len(ctx.table), 1, batch, ctx.decoder.config.vocab_size)
-        with training_steps(model, ctx.table, IdTokenizer(ctx.tokenizer.eot_id), config,
-                            ctx.device) as step, \
-                mock.patch.object(loop, "caption_features", timed_decode), \
-                mock.patch.object(loop, "tokenize_pair", lambda *a: (None, None)), \
-                mock.patch.object(loop, "cider", lambda *a: (0.0, None)):
-            step(warm[0], config.lr).item()   # a trained model's state: warm
-            t = time.perf_counter()
-            val_loss, _, predictions = evaluate(model, ctx.val, ctx.tokenizer, config, ctx.device,
-                                                subset)
-            sync(ctx.device)
-            eval_s = time.perf_counter() - t
-        assert len(predictions) == len(subset)
-        del model
-        row = dict(variant=variant, batch=batch, eval_s=eval_s, greedy_s=decode_s[0],
-                   val_loss_s=eval_s - decode_s[0])
+        measured = guarded(results, "epoch", variant,
+                           lambda: measure_evaluation(ctx, variant, config, subset),
+                           variant=variant, batch=batch)
+        took = time.monotonic() - start
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if measured is None:
+            continue
+        eval_s, greedy_s = measured
+        row = dict(variant=variant, batch=batch, eval_s=eval_s, greedy_s=greedy_s,
+                   val_loss_s=eval_s - greedy_s)
         parts = []
-        for kind in ("random", "by image"):
+        for kind, key in (("random", "random"), ("by image", "by_image")):
             rate = ctx.rates.get((variant, batch, kind))
-            key = "random" if kind == "random" else "by_image"
             row[f"train_s_{key}"] = TRAIN_CAPTIONS / rate if rate else None
             row[f"epoch_s_{key}"] = TRAIN_CAPTIONS / rate + eval_s if rate else None
             parts.append(f"{kind} batches {row[f'epoch_s_{key}']:.1f} s" if rate else
-                         f"{kind} batches: no train rate (train step cut)")
+                         f"{kind} batches: no train rate (not measured)")
         results.row("epoch", f"epoch {variant:<27}: evaluation {eval_s:.1f} s (val loss "
-                    f"{row['val_loss_s']:.1f} s, greedy {row['greedy_s']:.1f} s); whole epoch: "
+                    f"{row['val_loss_s']:.1f} s, greedy {greedy_s:.1f} s); whole epoch: "
                     + ", ".join(parts), **row)
-        took = time.monotonic() - start
 
 
 # --- hw3_2 --------------------------------------------------------------------------------------
@@ -597,10 +639,11 @@ def step_hw3_2(deadline, ctx, results):
         captions = json.loads(out_json.read_text()) if out_json.is_file() else {}
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         ok = code == 0 and len(captions) == n and all(captions.values())
-        results.row("hw3_2", f"hw3_2.sh: {n} images in {seconds:.1f} s end to end "
-                    f"({n / seconds:.1f} images/s), exit {code}, {len(captions)} captions"
+        results.row("hw3_2", f"hw3_2.sh: {n} images in {seconds:.1f} s end to end, Python "
+                    f"start-up included ({n / seconds:.1f} captions/s), exit {code}, "
+                    f"{len(captions)} captions"
                     + ("" if ok else f"; log tail: {tail}"),
-                    images=n, seconds=seconds, images_per_s=n / seconds, exit=code,
+                    images=n, seconds=seconds, captions_per_s=n / seconds, exit=code,
                     captioned=len(captions), ok=ok, prep_s=prep_s, python=hw3_python(),
                     encoder=encoder_cfg.name, precision=encoder_cfg.precision,
                     decode=f"{decode_cfg.method} {decode_cfg.beam_size}, batch "
@@ -637,6 +680,15 @@ def compile_run(ctx, variant, mode, batches, batch, group_by_image=False):
     return first, steady / len(batches), losses
 
 
+def measure_compile(ctx, variant, mode, batches, batch):
+    eager_first, eager_step, eager_losses = compile_run(ctx, variant, "none", batches, batch)
+    first, step_s, losses = compile_run(ctx, variant, mode, batches, batch)
+    diff = max(abs(a - b) / abs(a) for a, b in zip(eager_losses, losses))
+    return dict(first_pass_s=first, eager_first_pass_s=eager_first, step_ms=1000 * step_s,
+                eager_step_ms=1000 * eager_step, speedup=eager_step / step_s,
+                captions_per_s=batch / step_s, loss_rel_diff=diff)
+
+
 def step_compile(deadline, ctx, results):
     import torch
     from bench.common import caption_batches
@@ -652,20 +704,18 @@ def step_compile(deadline, ctx, results):
              "the times mean nothing" if ctx.device.type != "cuda" else ""), flush=True)
     for variant in ctx.args.compile_variants:
         if deadline.left() < 10:
-            print(f"compile {variant}: skipped, its cap is near", flush=True)
+            results.skip("compile", variant, variant=variant, batch=batch)
             continue
-        eager_first, eager_step, eager_losses = compile_run(ctx, variant, "none", batches, batch)
-        first, step_s, losses = compile_run(ctx, variant, mode, batches, batch)
-        diff = max(abs(a - b) / abs(a) for a, b in zip(eager_losses, losses))
-        results.row("compile", f"compile {variant:<22}: first pass {first:.1f} s (eager "
-                    f"{eager_first:.1f} s), then {1000 * step_s:.1f} ms/step vs eager "
-                    f"{1000 * eager_step:.1f} ms: {eager_step / step_s:.2f}x; losses within "
-                    f"{diff:.1e} (relative)", variant=variant, batch=batch, mode=mode,
-                    first_pass_s=first, eager_first_pass_s=eager_first, step_ms=1000 * step_s,
-                    eager_step_ms=1000 * eager_step, speedup=eager_step / step_s,
-                    captions_per_s=batch / step_s, loss_rel_diff=diff)
+        ids = dict(variant=variant, batch=batch, mode=mode)
+        m = guarded(results, "compile", variant,
+                    lambda: measure_compile(ctx, variant, mode, batches, batch), **ids)
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
+        if m is not None:
+            results.row("compile", f"compile {variant:<22}: first pass {m['first_pass_s']:.1f} s "
+                        f"(eager {m['eager_first_pass_s']:.1f} s), then {m['step_ms']:.1f} ms/step "
+                        f"vs eager {m['eager_step_ms']:.1f} ms: {m['speedup']:.2f}x; losses within "
+                        f"{m['loss_rel_diff']:.1e} (relative)", **ids, **m)
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -685,8 +735,8 @@ def table(results):
     rows = results.rows("train")
     if rows:
         lines += ["", f"Training steps, eager (host-bound share: {HOST_BOUND_METHOD})", "",
-                  "| variant | trainable | batch | batches | captions/s | ms/step | GPU busy ms | "
-                  "host-bound | TFLOP/s | MFU | peak GiB | epoch (train only) |",
+                  "| variant | trainable | batch | batches | captions/s | ms/step | "
+                  "device busy ms | host-bound | TFLOP/s | MFU | peak GiB | epoch (train only) |",
                   "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['variant']} | {r['trainable_m']}M | {r['batch']} | {r['batches']} | "
                   f"{r['captions_per_s']:,.0f} | {r['step_ms']:.1f} | {fmt(r['busy_ms'], '.1f')} | "
@@ -703,10 +753,10 @@ def table(results):
                   f"{fmt(r['epoch_s_random'], '.1f')} | {fmt(r['epoch_s_by_image'], '.1f')} |"
                   for r in rows]
     for r in results.rows("hw3_2"):
-        lines += ["", "| hw3_2.sh end to end | images | seconds | images/s | exit | decode | "
-                  "python |", "|---|---:|---:|---:|---|---|---|",
+        lines += ["", "| hw3_2.sh end to end (a subprocess, start-up included) | images | seconds "
+                  "| captions/s | exit | decode | python |", "|---|---:|---:|---:|---|---|---|",
                   f"| {r['encoder']} {r['precision']} + gated_cross:lora | {r['images']} | "
-                  f"{r['seconds']:.1f} | {r['images_per_s']:.1f} | {r['exit']} | {r['decode']} | "
+                  f"{r['seconds']:.1f} | {r['captions_per_s']:.1f} | {r['exit']} | {r['decode']} | "
                   f"{r['python']} |", "", f"({r['note']})"]
     rows = results.rows("compile")
     if rows:
@@ -715,6 +765,11 @@ def table(results):
         lines += [f"| {r['mode']}, batch {r['batch']} | {r['variant']} | {r['first_pass_s']:.1f} "
                   f"({r['eager_first_pass_s']:.1f}) | {r['step_ms']:.1f} ({r['eager_step_ms']:.1f})"
                   f" | {r['speedup']:.2f}x | {r['loss_rel_diff']:.1e} |" for r in rows]
+    failed = [r for step in results.data["steps"] for r in results.rows(step, failed=True)]
+    if failed:
+        lines += ["", "Not measured:"] + [
+            f"- {r['step']} {r.get('variant', '')} {r.get('batch', '')} {r.get('batches', '')}: "
+            f"{r.get('error') or r.get('skipped')}" for r in failed]
     return "\n".join(lines)
 
 
@@ -723,11 +778,13 @@ def main(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=os.environ.get("OUT"),
                    help="folder for gpu_results.json, gpu_table.md, hw3_2_log.txt (default $OUT)")
-    p.add_argument("--small", action="store_true", help="toy sizes: every step, in a minute on a CPU")
+    p.add_argument("--small", action="store_true",
+                   help="toy sizes: every step, in under a minute on a CPU")
     p.add_argument("--budget", type=float, default=360,
                    help="seconds from the start for everything; each step also has its own cap")
     p.add_argument("--steps", nargs="+", default=["train", "hw3_2", "epoch", "compile"],
-                   choices=["train", "hw3_2", "epoch", "compile"], help="which steps, in this order")
+                   choices=["train", "hw3_2", "epoch", "compile"],
+                   help="which steps, in this order")
     p.add_argument("--variants", nargs="+", default=VARIANTS)
     p.add_argument("--compile-variants", nargs="+", default=COMPILE_VARIANTS)
     args = p.parse_args(argv)
@@ -741,7 +798,8 @@ def main(argv=None):
         if ok is None:
             print(f"STOP: the imports and CUDA start did not finish within {CAPS['checks']} s "
                   "(or failed: above)", flush=True)
-        results.step("checks", status=results.data["steps"]["checks"]["status"] + "; the run stopped")
+        status = results.data["steps"]["checks"]["status"]
+        results.step("checks", status=f"{status}; the run stopped")
         return 2
     import torch
     # toy sizes on a CPU: one thread (tiny operators gain nothing from more, and lose much when

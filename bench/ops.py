@@ -6,11 +6,13 @@ call saved is host time saved. The number of calls per step does not depend on t
 (since caption_batch pads with whole-array operations) and barely on the device (the CPU's and
 the GPU's autocast and attention kernels differ in a few calls), so it is counted here on the
 CPU, exactly, at a small batch: the second step as training.loop runs it on a GPU (bf16
-autocast, Linear weights stored bf16 with fp32 masters for the trainable ones (train.speed's
-stored_weights), fused AdamW, gradient clipping), the batch's preparation included (caption padding and the CPU feature gather
-run in numpy, which makes no operator calls; on a GPU the gather and the copies to it add a few).
+autocast, fused AdamW, gradient clipping), the batch's preparation included, side by side with
+the switches of `train.speed` as the pipeline sets them ("as is": Linear weights stored bf16
+with fp32 masters for the trainable ones, the table gathered with numpy, which makes no operator
+calls) and all off ("speed off": every Linear weight cast by autocast at every use, the rows
+gathered by torch's index). On a GPU the gather and the copies to it add a few calls.
 
-    python -m bench.ops                      # real size, every variant, ~20 s on 2 cores
+    python -m bench.ops                      # real size, every variant, ~40 s on 2 cores
     python -m bench.ops --size demo
 
 "calls" counts every operator; "non-view" leaves out views (view, transpose, split, detach ...),
@@ -23,12 +25,14 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.common import (IdTokenizer, build_variant, demo_decoder, random_captions, real_decoder,
-                          training_steps)
+from bench.common import (SPEED_OFF, IdTokenizer, build_variant, demo_decoder, random_captions,
+                          real_decoder, training_steps)
+from speed import SpeedConfig
 from training.loop import TrainConfig
 
 VARIANTS = ["gated_cross:lora", "gated_cross:adapter", "gated_cross:prefix_tuning", "gated_cross:prompt_tuning",
             "gated_cross:adaption_prompt", "visual_prefix:lora"]
+SPEEDS = {"speed off": SPEED_OFF, "as is": SpeedConfig()}   # train.speed settings compared
 SIZES = {"real": (real_decoder, 257, 1024), "demo": (demo_decoder, 10, 128)}   # visual tokens, width
 
 
@@ -47,16 +51,16 @@ class OperatorCounter(TorchDispatchMode):
         return sum(n for (_, is_view), n in self.calls.items() if views or not is_view)
 
 
-def count_step(decoder, variant, visual_tokens, visual_width, batch_size):
-    """(OperatorCounter of the second training step, number of trainable tensors)."""
+def count_step(decoder, variant, visual_tokens, visual_width, batch_size, speed):
+    """(OperatorCounter of the second training step under train.speed = `speed`, number of
+    trainable tensors)."""
     model = build_variant(decoder, variant, visual_width, visual_tokens, perturb=True).train()
     tokens = torch.randn(batch_size, visual_tokens, visual_width).half()
     tokenizer = IdTokenizer(decoder.config.vocab_size - 1)
     captions = random_captions(batch_size, decoder.config.vocab_size, seed=1)
     batch = list(zip(range(batch_size), captions))
-    # bf16 autocast, the speed switches as the pipeline sets them (stored_weights on: Linear
-    # weights stored bf16 with fp32 masters), fused AdamW: a GPU step's operators, on the CPU
-    config = TrainConfig(batch_size=batch_size, precision="bf16")
+    # bf16 autocast and fused AdamW, as on a GPU: a GPU step's operators, on the CPU
+    config = TrainConfig(batch_size=batch_size, precision="bf16", speed=speed)
     counter = OperatorCounter()
     with training_steps(model, tokens, tokenizer, config, "cpu", fused=True) as step:
         step(batch, config.lr)   # the first step creates the optimiser state
@@ -76,15 +80,21 @@ def main():
     decoder, about = make_decoder()
     print(f"{args.size} size: {about}; {visual_tokens} x {visual_width} image tokens; "
           f"batch {args.batch_size}\n")
-    print("| variant | trainable tensors | operator calls / step | non-view calls / step |")
-    print("|---|---:|---:|---:|")
+    print("| variant | trainable tensors | " + " | ".join(
+        f"calls / step ({name}) | non-view calls / step ({name})" for name in SPEEDS) + " |")
+    print("|---|---:|" + "---:|---:|" * len(SPEEDS))
     for variant in args.variants:
-        counter, n_params = count_step(decoder, variant, visual_tokens, visual_width, args.batch_size)
-        print(f"| {variant} | {n_params} | {counter.total():,} | {counter.total(views=False):,} |",
-              flush=True)
-        non_view = Counter({name: n for (name, is_view), n in counter.calls.items() if not is_view})
-        for name, n in non_view.most_common(args.top):
-            print(f"|   {name} | | | {n} |")
+        counters = {}
+        for name, speed in SPEEDS.items():
+            counters[name], n_params = count_step(decoder, variant, visual_tokens, visual_width,
+                                                  args.batch_size, speed)
+        print(f"| {variant} | {n_params} | " + " | ".join(
+            f"{c.total():,} | {c.total(views=False):,}" for c in counters.values()) + " |",
+            flush=True)
+        for name, counter in counters.items():
+            non_view = Counter({op: n for (op, is_view), n in counter.calls.items() if not is_view})
+            for op, n in non_view.most_common(args.top):
+                print(f"|   {op} ({name}) | | | {n} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Wall time of the demo pipeline in a fresh clone: `dvc repro` from scratch, a second (no-op)
-# `dvc repro`, and `dvc exp run -S peft.rank=16`; prints which stages each one ran.
+# `dvc repro`, and `dvc exp run -S peft.lora.rank=16`; prints which stages each one ran.
 #
 #   bash bench/pipeline.sh                 # clones the current repo's HEAD into /tmp/bench_pipeline
 #   bash bench/pipeline.sh REPO WORKDIR
@@ -45,7 +45,7 @@ step() {   # step LABEL COMMAND...: run it, log to $DIR/bench_LABEL.log, record 
 
 step "dvc repro (from scratch)" dvc repro
 step "dvc repro (no-op)" dvc repro
-step "dvc exp run -S peft.rank=16" dvc exp run -S peft.rank=16
+step "dvc exp run -S peft.lora.rank=16" dvc exp run -S peft.lora.rank=16
 
 echo
 printf '%-28s %11s   %s\n' "command" "wall time" "stages run"

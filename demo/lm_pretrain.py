@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.errors import ParamsError
 from common.atomic import atomic_open, atomic_path
 from captioning.gpt2 import GPT2, GPT2Config, course_state_dict, load_course_checkpoint
 from captioning.tokenizer import IGNORE_INDEX, caption_batch
@@ -156,7 +157,7 @@ def pretrain(tok, train_captions, val_captions, cfg, progress=True):
     longest = max(len(t) for t in train_tokens + val_tokens) + 2
     if longest > cfg.block_size:
         # caption_batch would silently truncate; for pretraining, say so instead
-        raise ValueError(f"demo_gpt2.block_size={cfg.block_size} is shorter than the longest "
+        raise ParamsError(f"demo_gpt2.block_size={cfg.block_size} is shorter than the longest "
                          f"caption plus start/end tokens ({longest})")
     t0 = time.perf_counter()
     train_curve, val_curve = train_lm(model, train_tokens, tok.eot_id, cfg, val_tokens, progress)

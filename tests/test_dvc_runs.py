@@ -24,7 +24,7 @@ TINY = {
     "demo_clip": {"input_resolution": 32, "n_single": 16, "batch_size": 16, "steps": 3,
                   "warmup_steps": 1, "eval_every": 0, "threads": 1},
     "demo_vocab": {"vocab_size": 300},
-    "demo_gpt2": {"n_layer": 1, "n_embd": 32, "block_size": 64, "epochs": 1, "batch_size": 16,
+    "demo_gpt2": {"n_layer": 1, "n_embd": 32, "block_size": 128, "epochs": 1, "batch_size": 16,
                   "warmup_steps": 1, "log_every": 1},
     "train": {"epochs": 1, "batch_size": 16, "warmup_steps": 1, "val_images": 4,
               "val_batch_size": 4},
