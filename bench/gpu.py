@@ -55,7 +55,7 @@ COMPILE_VARIANTS = ["gated_cross:lora", "gated_cross:adapter", "visual_prefix:lo
 TRAIN_CAPTIONS = 10604 * 5       # an epoch of the course's train split
 HW3_IMAGES = 1789                # the course's val split
 # seconds per step; the last steps get less when the budget (--budget) runs short
-CAPS = {"checks": 15, "build": 60, "train": 120, "hw3_2": 110, "epoch": 45, "compile": 150}
+CAPS = {"checks": 15, "build": 60, "train": 120, "hw3_2": 240, "epoch": 45, "compile": 150}
 # The third-party packages this script imports, and those of hw3_2.sh's path: without one of the
 # first, nothing runs; without one of the others, the steps named fail (and the rest still run).
 ESSENTIAL = ["numpy", "torch", "tokenizers", "safetensors", "tqdm", "loralib"]
@@ -322,9 +322,14 @@ def busy_per_step(step, batches, lr, device):
         if cuda:
             torch.cuda.synchronize()
     want = {"kernel", "gpu_memcpy", "gpu_memset"} if cuda else {"cpu_op"}
+
+    def wanted(e):   # torch < 2.12's kineto events have no activity_type(): their device type
+        if hasattr(e, "activity_type"):
+            return e.activity_type() in want
+        return (e.device_type() == torch.autograd.DeviceType.CUDA) == cuda
     spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns())
                    for e in prof.profiler.kineto_results.events()
-                   if e.activity_type() in want and e.duration_ns() > 0)
+                   if wanted(e) and e.duration_ns() > 0)
     if cuda and not spans:
         raise RuntimeError("the profiler saw no GPU kernels (CUPTI unavailable?)")
     busy, end = 0, None
@@ -622,10 +627,54 @@ def step_hw3_2(deadline, ctx, results):
         log = (Path(ctx.args.out) if ctx.args.out else tmp) / "hw3_2_log.txt"
         print(f"release written in {prep_s:.0f} s ({n} JPEGs 640x480, encoder "
               f"{encoder_cfg.name} {encoder_cfg.precision}, decode {decode_cfg.method} "
-              f"{decode_cfg.beam_size} batch {decode_cfg.batch_size} max_new_tokens "
-              f"{decode_cfg.max_new_tokens}); running, from {tmp}, with "
-              f"PYTHONPATH={env['PYTHONPATH']} (python: {hw3_python()}):\n  {' '.join(cmd)}",
-              flush=True)
+              f"{decode_cfg.beam_size} max_new_tokens {decode_cfg.max_new_tokens}); running, "
+              f"from {tmp}, with PYTHONPATH={env['PYTHONPATH']} (python: {hw3_python()}):\n  "
+              f"{' '.join(cmd)} [--batch-size B]", flush=True)
+        for batch in ctx.args.hw3_batches:
+            if deadline.left() < 5:
+                results.skip("hw3_2", f"batch {batch}", batch=batch)
+                continue
+            run_hw3_2(ctx, results, deadline, cmd + ["--batch-size", str(batch)], env, log, n,
+                      out_json, encoder_cfg, dataclasses.replace(decode_cfg, batch_size=batch))
+        if ctx.args.extract_images:
+            step_extract(ctx, results, images, encoder_cfg)
+
+
+def step_extract(ctx, results, images, encoder_cfg):
+    """The extract stage's writing of features (write_features: JPEG decoding in DataLoader
+    workers, the encoder under autocast, HDF5 rows) for the hw3_2 step's JPEGs and its random
+    encoder, at each batch size of --extract-batches."""
+    from common.imageio import list_images
+    from evaluation.encoders import build_encoder, encoder_id
+    from evaluation.features import write_features
+    import torch
+    paths = list_images(images)[:ctx.args.extract_images]
+    release_cfg = json.loads((images.parent / "release" / "selected.json").read_text())["encoder"]
+    cfg = dataclasses.replace(encoder_cfg, weights=release_cfg["weights"])
+    encoder = build_encoder(cfg, device=ctx.device)
+    workers = min(8, os.cpu_count() or 1)
+    for batch in ctx.args.extract_batches:
+        out = images.parent / f"features_{batch}.h5"
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        write_features(out, encoder, paths, encoder_id(cfg), batch_size=batch, num_workers=workers,
+                       device=ctx.device, desc="extract")
+        seconds = time.perf_counter() - start
+        rate = len(paths) / seconds
+        results.row("hw3_2", f"extract: {len(paths)} JPEGs -> HDF5 in {seconds:.1f} s at batch "
+                    f"{batch}, {workers} workers, {cfg.precision} ({rate:.0f} images/s; the course's "
+                    f"12,393 images: {12393 / rate:.0f} s)", kind="extract", images=len(paths),
+                    seconds=seconds, images_per_s=rate, batch=batch, workers=workers,
+                    precision=cfg.precision, all_images_s=12393 / rate)
+        out.unlink()
+
+
+def run_hw3_2(ctx, results, deadline, cmd, env, log, n, out_json, encoder_cfg, decode_cfg):
+    """One run of hw3_2.sh as a subprocess; a row of results."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if out_json.exists():
+            out_json.unlink()
         with open(log, "w") as f:
             start = time.perf_counter()
             proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -636,23 +685,22 @@ def step_hw3_2(deadline, ctx, results):
                 proc.wait()
                 code = "killed at the step's cap"
             seconds = time.perf_counter() - start
-        captions = json.loads(out_json.read_text()) if out_json.is_file() else {}
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        ok = code == 0 and len(captions) == n and all(captions.values())
-        results.row("hw3_2", f"hw3_2.sh: {n} images in {seconds:.1f} s end to end, Python "
-                    f"start-up included ({n / seconds:.1f} captions/s), exit {code}, "
-                    f"{len(captions)} captions"
-                    + ("" if ok else f"; log tail: {tail}"),
-                    images=n, seconds=seconds, captions_per_s=n / seconds, exit=code,
-                    captioned=len(captions), ok=ok, prep_s=prep_s, python=hw3_python(),
-                    encoder=encoder_cfg.name, precision=encoder_cfg.precision,
-                    decode=f"{decode_cfg.method} {decode_cfg.beam_size}, batch "
-                           f"{decode_cfg.batch_size}, {decode_cfg.max_new_tokens} new tokens",
-                    note="random weights: no beam ends early, every caption runs all "
-                         f"{decode_cfg.max_new_tokens} new tokens (an upper bound); the encoder's "
-                         "weights file is hashed for its id (the real release names hub weights)")
-        if not ok:
-            raise RuntimeError(f"hw3_2.sh: exit {code}, {len(captions)} of {n} captions: {tail}")
+    captions = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+    ok = code == 0 and len(captions) == n and all(captions.values())
+    results.row("hw3_2", f"hw3_2.sh: {n} images in {seconds:.1f} s end to end, Python "
+                f"start-up included ({n / seconds:.1f} captions/s), batch {decode_cfg.batch_size}, "
+                f"exit {code}, {len(captions)} captions" + ("" if ok else f"; log tail: {tail}"),
+                images=n, seconds=seconds, captions_per_s=n / seconds, exit=code,
+                captioned=len(captions), ok=ok, python=hw3_python(),
+                encoder=encoder_cfg.name, precision=encoder_cfg.precision,
+                decode=f"{decode_cfg.method} {decode_cfg.beam_size}, batch "
+                       f"{decode_cfg.batch_size}, {decode_cfg.max_new_tokens} new tokens",
+                note="random weights: no beam ends early, every caption runs all "
+                     f"{decode_cfg.max_new_tokens} new tokens (an upper bound); the encoder's "
+                     "weights file is hashed for its id (the real release names hub weights)")
+    if not ok:
+        raise RuntimeError(f"hw3_2.sh: exit {code}, {len(captions)} of {n} captions: {tail}")
 
 
 # --- compile ------------------------------------------------------------------------------------
@@ -752,7 +800,7 @@ def table(results):
         lines += [f"| {r['variant']} | {r['eval_s']:.1f} | {r['greedy_s']:.1f} | "
                   f"{fmt(r['epoch_s_random'], '.1f')} | {fmt(r['epoch_s_by_image'], '.1f')} |"
                   for r in rows]
-    for r in results.rows("hw3_2"):
+    for r in [r for r in results.rows("hw3_2") if r.get("kind") != "extract"]:
         lines += ["", "| hw3_2.sh end to end (a subprocess, start-up included) | images | seconds "
                   "| captions/s | exit | decode | python |", "|---|---:|---:|---:|---|---|---|",
                   f"| {r['encoder']} {r['precision']} + gated_cross:lora | {r['images']} | "
@@ -787,6 +835,11 @@ def main(argv=None):
                    help="which steps, in this order")
     p.add_argument("--variants", nargs="+", default=VARIANTS)
     p.add_argument("--compile-variants", nargs="+", default=COMPILE_VARIANTS)
+    p.add_argument("--hw3-batches", nargs="+", type=int, default=[64],
+                   help="hw3_2.sh --batch-size for each run of the hw3_2 step")
+    p.add_argument("--extract-images", type=int, default=0,
+                   help="the hw3_2 step then also times extraction of this many of its JPEGs")
+    p.add_argument("--extract-batches", nargs="+", type=int, default=[256])
     args = p.parse_args(argv)
     results = Results(args.out)
     budget = Deadline(START + args.budget)
