@@ -30,8 +30,9 @@ def _umask():
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path in the target's folder; on success it is renamed to `path`."""
+def atomic_path(path, mode=None):
+    """Yield a temporary path in the target's folder; on success it is renamed to `path`, with
+    permission bits `mode` (default: the umask's, as for any new file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
@@ -40,7 +41,7 @@ def atomic_path(path):
         yield Path(tmp)
         # mkstemp's 0600 would survive the rename, as would a writer's own (safetensors replaces
         # the file with a new 0600 one): the umask's permissions, as for any new file
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
         _fsync(tmp)
         os.replace(tmp, path)
     finally:

@@ -171,9 +171,8 @@ def set_download_lines(script, url, sha256):
     for name, value in values.items():
         text = re.sub(rf"^{name}=.*$", lambda _: f"{name}='{value}'", text, flags=re.M)
     mode = script.stat().st_mode & 0o7777
-    with atomic_path(script) as tmp:
+    with atomic_path(script, mode) as tmp:   # git tracks the script's x bit
         tmp.write_text(text, encoding="utf-8")
-        os.chmod(tmp, mode)
     return re.search(r"^RELEASE_URL='?([^'\n]*)'?$", text, flags=re.M).group(1)
 
 
