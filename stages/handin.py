@@ -26,7 +26,6 @@ the file and the problem (common/errors.py).
 import argparse
 import gzip
 import hashlib
-import os
 import re
 import tarfile
 from pathlib import Path, PurePosixPath
