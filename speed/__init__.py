@@ -13,6 +13,7 @@ differently; bench/ measures what each pays, on the device it is meant for (docs
   multiple of COMPILE_WIDTH_STEP, so that a handful of shapes are recorded.
 """
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -113,14 +114,20 @@ def compiled_loss(model, mode, group_by_image):
     CUDA graphs (CUDA_GRAPH_MODES) each distinct shape is recorded once, which the widths
     rounded to COMPILE_WIDTH_STEP keep to a handful. Compiled code is cached per code object, so
     the cache is reset on entry and exit: Captioner.loss of an earlier model must not count
-    against this one's recompile limit."""
+    against this one's recompile limit. Where compiling fails (inductor cannot compile the
+    visual-prefix captioner on torch 2.11, docs/performance.md), one line says so and the run
+    goes on eagerly: nothing has run yet when the first forward fails to compile."""
     if mode == "none":
         yield model.loss
         return
     torch._dynamo.reset()
     compiled = torch.compile(model.loss, mode=mode)
+    state = {"eager": False, "compiled_once": False}
 
     def loss(visual, input_ids, targets, image_index=None):
+        given = (visual, input_ids, targets, image_index)
+        if state["eager"]:
+            return model.loss(*given)
         # One graph serves every batch only if image_index is always given or never. With
         # group_by_image: always (an identity one where no image repeats). Without: never; the few
         # batches that repeat an image (~14% at batch 64) get its rows repeated, rather than every
@@ -135,7 +142,19 @@ def compiled_loss(model, mode, group_by_image):
         for t in (input_ids, targets):
             torch._dynamo.maybe_mark_dynamic(t, 1)
         torch.compiler.cudagraph_mark_step_begin()   # the previous step's graph outputs are spent
-        return compiled(visual, input_ids, targets, image_index)
+        if state["compiled_once"]:
+            return compiled(visual, input_ids, targets, image_index)
+        try:
+            out = compiled(visual, input_ids, targets, image_index)
+        except Exception as e:   # inductor's errors have no common base class
+            print(f"train.speed.compile={mode}: torch.compile failed ({type(e).__name__}: "
+                  f"{str(e).strip().splitlines()[0][:150] if str(e).strip() else ''}); training "
+                  "eagerly", file=sys.stderr, flush=True)
+            torch._dynamo.reset()
+            state["eager"] = True
+            return model.loss(*given)
+        state["compiled_once"] = True
+        return out
     try:
         yield loss
     finally:

@@ -12,7 +12,7 @@ from captioning.checkpoint import load_trainable
 from speed import SpeedConfig, StoredLinearWeights, on_device_if_fits
 from training.loop import TrainConfig, make_optimizer, speedups, train, train_step
 from tests.test_captioner import DECODER, batch, build, course_sd, perturb  # noqa: F401
-from tests.test_training import WordTokenizer, pairs
+from tests.test_training import QUIET, WordTokenizer, pairs
 
 OFF = SpeedConfig(stored_weights=False, features_on_device=False, numpy_gather=False)
 
@@ -144,7 +144,7 @@ def test_compiled_training_trains_the_same_model(course_sd, tmp_path, group_by_i
                              group_by_image=group_by_image)
         counters.clear()
         history, _ = train(model, pairs(8, 0), pairs(4, 1), WordTokenizer(), config,
-                           tmp_path / f"{mode}.safetensors", torch.device("cpu"), log=lambda *_: None)
+                           tmp_path / f"{mode}.safetensors", torch.device("cpu"), log=QUIET)
         runs.append((history, model.trainable_state_dict()))
     assert counters["stats"]["unique_graphs"] == 1   # the compiled run's
     (eager, eager_state), (compiled, compiled_state) = runs
@@ -169,3 +169,24 @@ def test_features_stay_on_the_host_without_a_gpu():
     assert on_device_if_fits(tokens, torch.device("cpu")) is tokens
 
 
+
+
+def test_a_loss_that_does_not_compile_trains_eagerly(course_sd, monkeypatch, capsys):
+    """Where torch.compile fails at the first forward (inductor on the visual-prefix captioner,
+    torch 2.11 on a GPU), one line says so and the steps are eager ones: the same losses."""
+    import speed
+
+    def failing_compile(fn, mode=None):
+        def compiled(*args):
+            raise RuntimeError("InductorError: AssertionError")
+        return compiled
+    monkeypatch.setattr(speed.torch, "compile", failing_compile)
+    data = pairs(8, seed=2)
+    batches = [data.pairs[i:i + 4] for i in (0, 4, 8)]
+    losses = []
+    for mode in ("none", "default"):
+        config = TrainConfig(batch_size=4, speed=replace(OFF, compile=mode))
+        losses.append(run_steps(perturb(build(course_sd, "visual_prefix", "lora")), data, config,
+                                batches))
+    assert losses[1] == losses[0]
+    assert capsys.readouterr().err.count("torch.compile failed (RuntimeError: InductorError") == 1

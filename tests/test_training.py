@@ -9,9 +9,15 @@ import torch
 
 from captioning.checkpoint import load_trainable
 from captioning.tokenizer import caption_batch
-from training.loop import CaptionPairs, TrainConfig, batch_loss, evaluate, train
+from training.loop import CaptionPairs, TrainConfig, TrainingLog, batch_loss, evaluate, train
 from tests.test_captioner import DECODER, EOT, batch, build, course_sd, perturb  # noqa: F401
 
+class Quiet(TrainingLog):
+    def epoch(self, row):
+        pass
+
+
+QUIET = Quiet()
 WORDS = ["a", "red", "blue", "circle", "square", "star", "on", "the", "left", "right"]
 
 
@@ -46,7 +52,7 @@ def test_bf16_training_runs_and_keeps_the_best_epoch(course_sd, tmp_path, monkey
     config = TrainConfig(epochs=3, batch_size=4, lr=0.01, warmup_steps=2, val_images=4,
                          val_batch_size=4, precision="bf16", group_by_image=True)
     history, best = train(model, pairs(8, 0), pairs(4, 1), WordTokenizer(), config,
-                          tmp_path / "ckpt.safetensors", torch.device("cpu"), log=lambda *_: None)
+                          tmp_path / "ckpt.safetensors", torch.device("cpu"), log=QUIET)
     assert [by_image for shuffled, by_image in composed if shuffled] == [True] * 3   # every epoch
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
