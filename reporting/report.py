@@ -83,8 +83,11 @@ CURVES = {"train_loss": ("train/loss.tsv", "loss"), "lr": ("train/lr.tsv", "lr")
           "val_loss": ("val/loss.tsv", "loss"), "val_cider": ("val/cider.tsv", "cider")}
 
 
-def read_curve(path, column):
-    """[(step, value)] of a dvclive TSV (columns step and `column`)."""
+def read_curve(path, column, required=True):
+    """[(step, value)] of a dvclive TSV (columns step and `column`); [] for a missing one that is
+    not `required`."""
+    if not required and not Path(path).is_file():
+        return []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -111,7 +114,9 @@ def load_variants(root, variants):
             "metrics": read_json(root / "metrics" / f"{name}.json"),
             "train": read_json(live / "metrics.json"),
             "timing": read_json(root / "logs" / "train" / f"{name}.json", required=False) or {},
-            "curves": {key: read_curve(live / "plots" / "metrics" / file, column)
+            # the step curves are written every LOG_EVERY steps: none in a shorter run
+            "curves": {key: read_curve(live / "plots" / "metrics" / file, column,
+                                       required=file.startswith("val/"))
                        for key, (file, column) in CURVES.items()},
         }
     return out
