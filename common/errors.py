@@ -35,7 +35,8 @@ def read_parsed(path, kind, missing, error=InputError):
     except FileNotFoundError:
         raise error(f"{path}: {missing}") from None
     except (parse_error, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid {kind} ({e})") from None
+        reason = " ".join(str(e).split())   # YAML's reasons run over several lines
+        raise error(f"{path}: not valid {kind} ({reason})") from None
     except OSError as e:   # a folder, no permission
         raise error(f"{path}: cannot read ({e.strerror or e})") from None
 

@@ -13,7 +13,12 @@ Rules (documented in the README and relied on by the grading scripts):
   composited onto white (a transparent background means "no background", which white shows
   better than the arbitrary colour hidden under alpha); 16-bit and 32-bit greyscale is rescaled,
   not clipped, and a float image in [0, 1] is scaled to [0, 255].
+- A file name that is not valid UTF-8 (b"caf\\xe9.png", from a Latin-1 system or a zip) is listed
+  like any other and shown in messages with its odd bytes as \\xNN. hw3_1.sh writes it to its CSV
+  with its original bytes; a JSON key or a feature file cannot hold it: `image_names` refuses it,
+  and hw3_2.sh leaves it out with one stderr line (`names_not_utf8`).
 """
+import os
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -34,28 +39,74 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", 
                               ".ppm", ".pgm", ".pbm", ".pnm"})
 
 
+def printable(path):
+    """`path` as text that can be printed anywhere: bytes of a name that are not valid UTF-8
+    (decoded by Python as lone surrogates) shown as \\xNN."""
+    text = str(path)
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeError:   # a surrogate that no file name decoded to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def one_line(error):
+    """str(error) on one printable line: a YAML parser's message spans five, with a caret."""
+    return " ".join(printable(error).split())
+
+
+def is_utf8(name):
+    try:
+        str(name).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class ImageReadError(InputError):
     """An image file that cannot be decoded; str() names the file and the problem."""
+    what = "unreadable image"   # as a skip line calls it
 
     def __init__(self, path, problem):
         self.path = Path(path)
         self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        super().__init__(f"{printable(path)}: {problem}")
 
     def __reduce__(self):   # survive the trip back from a DataLoader worker
         return type(self), (self.path, self.problem)
+
+
+class ImageNameError(ImageReadError):
+    """An image whose file name cannot be written where its name goes (a JSON key)."""
+    what = "image"
 
 
 class ImageFolderError(InputError):
     """The folder itself is unusable (missing, not a folder, no images, two images of one name)."""
 
 
+NOT_UTF8 = "its file name is not valid UTF-8, which a JSON key must be: rename it"
+
+
+def names_not_utf8(paths):
+    """(the paths whose file names are valid UTF-8, an ImageNameError for each other one)."""
+    kept, errors = [], []
+    for p in paths:
+        if is_utf8(Path(p).name):
+            kept.append(p)
+        else:
+            errors.append(ImageNameError(p, NOT_UTF8))
+    return kept, errors
+
+
 def image_names(paths):
     """File names without extension; two images with the same stem (a.jpg, a.png) are an error,
-    since the output formats (JSON keys) could not tell them apart."""
+    since the output formats (JSON keys) could not tell them apart, and so is a name that is not
+    valid UTF-8 (no JSON key or HDF5 string can hold it): ImageFolderError, naming the files."""
     names, seen = [], {}
     for p in paths:
         p = Path(p)
+        if not is_utf8(p.name):
+            raise ImageFolderError(f"{printable(p)}: file name is not valid UTF-8: rename it")
         if p.stem in seen:
             raise ImageFolderError(f"two images share the name {p.stem!r}: {seen[p.stem]} and {p}: "
                                    "rename one")
@@ -73,13 +124,13 @@ class FolderScan:
 def scan_folder(folder):
     folder = Path(folder)
     if not folder.exists():
-        raise ImageFolderError(f"{folder}: image folder does not exist")
+        raise ImageFolderError(f"{printable(folder)}: image folder does not exist")
     if not folder.is_dir():
-        raise ImageFolderError(f"{folder}: not a folder")
+        raise ImageFolderError(f"{printable(folder)}: not a folder")
     try:
         entries = sorted(folder.iterdir(), key=lambda p: p.name)
     except OSError as e:
-        raise ImageFolderError(f"{folder}: cannot list folder ({e.strerror or e})") from e
+        raise ImageFolderError(f"{printable(folder)}: cannot list folder ({e.strerror or e})") from e
     images, ignored = [], []
     for p in entries:
         # a broken symlink named like an image is an image that cannot be read, not a non-image
@@ -98,13 +149,14 @@ def list_images(folder, stream=None):
     With `stream`, one note names the ignored entries (subfolders, non-image files)."""
     scan = scan_folder(folder)
     if scan.ignored and stream is not None:
-        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in scan.ignored[:10])
+        names = ", ".join(printable(p.name) + ("/" if p.is_dir() else "") for p in scan.ignored[:10])
         more = f" and {len(scan.ignored) - 10} more" if len(scan.ignored) > 10 else ""
-        print(f"note: ignoring {len(scan.ignored)} non-image entries in {folder}: {names}{more}",
+        print(f"note: ignoring {len(scan.ignored)} non-image entries in {printable(folder)}: "
+              f"{names}{more}",
               file=stream)
     if not scan.images:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
-        raise ImageFolderError(f"{folder}: no image files (looked for {exts}, any case)")
+        raise ImageFolderError(f"{printable(folder)}: no image files (looked for {exts}, any case)")
     return scan.images
 
 
@@ -154,7 +206,7 @@ def load_rgb(path):
 
 
 def skip_message(err):
-    return f"skipped unreadable image {err.path}: {err.problem}"
+    return f"skipped {err.what} {printable(err.path)}: {err.problem}"
 
 
 def report_skip(err, stream=None):

@@ -16,6 +16,10 @@ elif [ -x "${ROOT}/.venv/bin/python" ]; then
 else
     PYTHON="python3"
 fi
+if [ -z "$(command -v "${PYTHON}")" ]; then   # exit 1 naming it, not bash's 127
+    echo "error: ${PYTHON}: no such Python program (set HW3_PYTHON to one)" >&2
+    exit 1
+fi
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 MODULE="$1"
 shift

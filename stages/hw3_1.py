@@ -5,9 +5,11 @@
 Which CLIP and which prompts come from params.yaml's `zeroshot` section (clip, predict_with,
 ensemble/templates), the same as the zeroshot stage's predictions/p1.csv.
 
-Exit status: 0 every image classified; 3 some image files were unreadable (one stderr line each),
-the CSV holds all the others; 1 fatal (missing or empty folder, no readable image, an output path
-that cannot be written or that is an input, bad id2label.json, bad params or checkpoint): nothing
+Exit status: 0 every image classified (a file name that is not valid UTF-8 is written with its
+original bytes); 3 some image files were unreadable (one stderr line each), the CSV holds all the
+others; 1 fatal (missing or empty folder, no readable image, an output path that cannot be
+written, is a device, or is an input: an image, id2label.json, params.yaml, the CLIP file or
+clip.load's cache file of a CLIP name; bad id2label.json, bad params or checkpoint): nothing
 written; 2 usage error.
 """
 import argparse
@@ -44,11 +46,13 @@ def run(img_dir, id2label_path, out_csv, cfg, batch_size=None, num_workers=None,
     from evaluation.clip_io import load_clip
     from common.imageio import ImageFolderError, list_images
     from evaluation.zeroshot import classify, embed_images, read_id2label, write_predictions_csv
+    from inference.model_files import clip_files
 
     out_csv = Path(out_csv)
     id2label = read_id2label(id2label_path)
     paths = list_images(img_dir, stream=sys.stderr)
-    check_writable(out_csv, inputs=[id2label_path, params_path, cfg.clip, *paths])
+    # everything the run reads: the output must name none of it, the CLIP's cache file included
+    check_writable(out_csv, inputs=[id2label_path, params_path, *clip_files(cfg.clip), *paths])
     device = cfg.torch_device()
     model, preprocess = load_clip(cfg.clip, device=device)
     emb = embed_images(model, preprocess, paths, batch_size=batch_size or cfg.batch_size,
@@ -76,6 +80,7 @@ def main(argv=None):
     args = ap.parse_args(argv)   # exits with 2 on a usage error
 
     from common.device import resolve_device
+    from common.imageio import one_line
     try:
         cfg = load_config(args.params, args.clip)
         if args.device:
@@ -83,7 +88,7 @@ def main(argv=None):
         return run(args.img_dir, args.id2label, args.out_csv, cfg, args.batch_size,
                    args.num_workers, args.params)
     except (InputError, ValueError, OSError) as e:
-        print(f"hw3_1: error: {e}", file=sys.stderr)
+        print(f"hw3_1: error: {one_line(e)}", file=sys.stderr)
         return EXIT_FATAL
 
 

@@ -5,10 +5,12 @@
 Uses what the pipeline released (release/: the selected variant's trainable checkpoint, its
 tokenizer files, the image encoder and decoding settings) and the frozen GPT-2 at DECODER_BIN.
 
-Exit status: 0 every image captioned; 3 some image files were unreadable (one stderr line each),
-the JSON holds all the others; 1 fatal (missing or empty folder, no readable image, an output path
-that cannot be written or that is an input, a decoder or checkpoint that does not fit): nothing
-written; 2 usage error.
+Exit status: 0 every image captioned; 3 some image files were unreadable or have a name that is
+not valid UTF-8 (which no JSON key can hold; one stderr line each), the JSON holds all the
+others; 1 fatal (missing or empty folder, no readable image, two images of one name such as a.jpg
+and a.png, an output path that cannot be written, is a device, or is an input: an image, the
+decoder, a released file, the image encoder's weights or their download cache; a decoder or
+checkpoint that does not fit): nothing written; 2 usage error.
 """
 import argparse
 import os
@@ -25,12 +27,25 @@ def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None, w
     from common.atomic import check_writable, write_json
     from inference.caption_folder import caption_folder
     from common.device import resolve_device
-    from common.imageio import ImageFolderError, list_images
-    from inference.release import load_release
+    from common.imageio import (ImageFolderError, image_names, list_images, names_not_utf8,
+                                printable, report_skip)
+    from inference.model_files import encoder_files
+    from inference.release import load_release, read_selected
 
-    out_json = Path(out_json)
+    out_json, release = Path(out_json), Path(release)
     paths = list_images(img_dir, stream=sys.stderr)   # no folder, no images: fail before loading
-    check_writable(out_json, inputs=[decoder_bin, *paths, *Path(release).glob("*")])
+    # a name that is not UTF-8 cannot be a JSON key: that image is left out, the others written
+    paths, unnamed = names_not_utf8(paths)
+    image_names(paths)   # two images of one name (a.jpg, a.png): fatal, before the long work
+    _, encoder_config = read_selected(release)
+    # everything the run reads: the output must name none of it, the encoder's weights included
+    inputs = [decoder_bin, *paths, *release.glob("*"), *encoder_files(encoder_config)]
+    check_writable(out_json, inputs=inputs)
+    for err in unnamed:
+        report_skip(err)
+    if not paths:
+        raise ImageFolderError(f"{printable(img_dir)}: none of its {len(unnamed)} image files has "
+                               "a name a JSON key can hold (valid UTF-8)")
     device = resolve_device(device, "--device")
     if workers is None:   # decoding JPEGs in parallel pays when a GPU does the rest
         workers = min(8, os.cpu_count() or 1) if device.startswith("cuda") else 0
@@ -39,11 +54,14 @@ def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None, w
                              f"{release / 'selected.json'}: decode")
     captions, skipped = caption_folder(paths, r.encoder, r.model, r.tokenizer, decode,
                                        num_workers=workers, device=device)
+    skipped = unnamed + skipped
     if not captions:
-        raise ImageFolderError(f"{img_dir}: none of its {len(skipped)} image files could be read")
+        raise ImageFolderError(f"{printable(img_dir)}: none of its {len(skipped)} image files could "
+                               "be read")
     write_json(out_json, captions)
-    print(f"hw3_2: {len(captions)} images captioned -> {out_json}"
-          + (f"; {len(skipped)} unreadable files skipped" if skipped else ""), file=sys.stderr)
+    print(f"hw3_2: {len(captions)} images captioned -> {printable(out_json)}"
+          + (f"; {len(skipped)} files skipped (a line each above)" if skipped else ""),
+          file=sys.stderr)
     return EXIT_SKIPPED if skipped else EXIT_OK
 
 
@@ -61,11 +79,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from common.errors import InputError
+    from common.imageio import one_line
     try:
         return run(args.img_dir, args.out_json, args.decoder_bin, Path(args.release),
                    args.batch_size, args.device, args.workers)
     except (InputError, ValueError, OSError) as e:
-        print(f"hw3_2: error: {e}", file=sys.stderr)
+        print(f"hw3_2: error: {one_line(e)}", file=sys.stderr)
         return EXIT_FATAL
 
 

@@ -127,6 +127,17 @@ def test_run_module_takes_hw3_python_then_the_venv_then_python3(tmp_path):
                  HF_HUB_OFFLINE="0") == f"{sys.executable} ['a b'] 0"
 
 
+def test_run_module_names_a_python_that_is_not_there(tmp_path):
+    """exit 1 and one line naming it (the scripts' fatal status), not bash's 127."""
+    fake_root(tmp_path)
+    for python in (str(tmp_path / "no-python"), "no-such-python3"):
+        result = subprocess.run(["bash", "repo/scripts/run_module.sh", "stages.probe"], cwd=tmp_path,
+                                capture_output=True, text=True,
+                                env={**os.environ, "HW3_PYTHON": python})
+        assert result.returncode == 1, result
+        assert result.stderr == f"error: {python}: no such Python program (set HW3_PYTHON to one)\n"
+
+
 # ----------------------------------------------------------------------------- stages.handin
 
 def byte_level_vocab(folder):
