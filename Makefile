@@ -58,7 +58,7 @@ handin: env
 	python -m stages.handin $(if $(URL),--url '$(URL)')
 
 pull-release: env
-	dvc pull select
+	dvc pull select demo_clip  # demo_clip: the demo world's CLIP, which hw3_1.sh loads there
 	HF_HUB_OFFLINE=0 bash scripts/run_module.sh stages.hw3_prefetch
 
 grading-env: $(GRADING_ENV)/bin/python3
@@ -68,3 +68,27 @@ $(GRADING_ENV)/bin/python3:
 grading-check: java env grading-env
 	GRADING_ENV='$(abspath $(GRADING_ENV))' PIPELINE='$(PIPELINE)' GRADING_SOURCE='$(GRADING_SOURCE)' \
 	PROJECT_PYTHON='$(abspath $(BIN))/python' bash scripts/grading_check.sh
+
+# --- scale-out (issue 24) ---
+#   make remote REMOTE=/mnt/shared/hw3-dvc   a folder every machine mounts (or s3://, gs://,
+#        ssh://, with that DVC plugin installed) becomes the default DVC remote in .dvc/config:
+#        commit it, and every clone pushes and pulls there; REMOTE_SCOPE=--local keeps it to this
+#        clone (.dvc/config.local), e.g. when the folder is mounted at another path on each machine
+#   make push    dvc push: every output DVC caches (features, checkpoints, predictions, release)
+#   make pull    dvc pull, then dvc status: another machine's outputs, nothing re-run
+#   Several processes: params train/extract/decode.nproc_per_node, or torchrun (README: Scale-out)
+REMOTE_NAME ?= shared
+REMOTE_SCOPE ?=
+.PHONY: remote push pull
+remote: env
+	@test -n '$(REMOTE)' || { echo "make remote: name the storage, e.g. make remote \
+	REMOTE=/mnt/shared/hw3-dvc (a folder), s3://bucket/hw3, gs://bucket/hw3, ssh://host/path" >&2; exit 1; }
+	dvc remote add $(REMOTE_SCOPE) --default --force $(REMOTE_NAME) '$(REMOTE)'
+	@echo "make remote: DVC remote '$(REMOTE_NAME)' = $(REMOTE) (default$(if $(REMOTE_SCOPE), $(REMOTE_SCOPE)))"
+
+push: env
+	dvc push
+
+pull: env
+	dvc pull
+	dvc status

@@ -13,7 +13,7 @@
 #   make handin URL=https://host/path/release.tar.gz     (python -m stages.handin --url URL)
 # packs handin/release.tar.gz and writes both lines; upload that file to URL (a direct download
 # link: wget must receive the file itself, not a web page), then commit this script.
-# On our own machines `make pull-release` takes the DVC remote route instead (`dvc pull select`).
+# On our own machines `make pull-release` takes the DVC remote route instead (`dvc pull select demo_clip`).
 RELEASE_URL=''
 RELEASE_SHA256=''
 

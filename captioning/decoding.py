@@ -54,6 +54,7 @@ class DecodeConfig:
     batch_size: int = 32  # images decoded together (times beam_size rows for beam search)
     repetition_penalty: float = 1.0  # > 1 discourages tokens already generated; 1 = off
     no_repeat_ngram_size: int = 0  # forbid repeating an n-gram of this size; 0 = off
+    nproc_per_node: int = 1  # decode stage: above 1, it re-runs itself under torchrun
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -73,6 +74,8 @@ class DecodeConfig:
             raise ValueError(f"decode.temperature must be > 0, got {self.temperature}")
         if self.batch_size < 1:
             raise ValueError(f"decode.batch_size must be >= 1, got {self.batch_size}")
+        if self.nproc_per_node < 1:
+            raise ValueError(f"decode.nproc_per_node must be >= 1, got {self.nproc_per_node}")
         if not self.repetition_penalty >= 1:
             raise ValueError(f"decode.repetition_penalty must be >= 1, got {self.repetition_penalty}")
         if self.no_repeat_ngram_size < 0:

@@ -38,47 +38,45 @@ class FeatureFileError(InputError):
 
 
 def _write_h5(path, dataset, row_shape, dtype, encode, transform, image_paths, attrs, *,
-              batch_size, num_workers, device, skip_unreadable, desc):
+              batch_size, num_workers, device, skip_unreadable, desc, ranks=None):
     """Encode every image with `encode(pixels) -> [B, *row_shape]` and write `dataset` + `names`.
 
     An unreadable image raises ImageReadError (naming the file) unless `skip_unreadable`, which
-    leaves it out of the file after a one-line report. Returns the list of skipped paths."""
+    leaves it out of the file after a one-line report. Returns the list of skipped paths.
+
+    ranks (common.distributed.Ranks, under torchrun): each rank encodes its blocks of
+    `batch_size` images (block b: rank b % world_size), exactly the batches one process makes;
+    rank 0 gathers them block by block and alone writes the file, with the same writes in the
+    same order as one process (the same bytes for the same rows). It returns every skipped
+    path, the other ranks their own."""
     image_paths = [Path(p) for p in image_paths]
     names = image_names(image_paths)
     n = len(image_paths)
     if n == 0:
         raise FeatureFileError(f"{path}: no images to encode")
+    mine = range(n) if ranks is None else ranks.blocks(n, batch_size)
+    loader = image_loader([image_paths[i] for i in mine], transform, batch_size=batch_size,
+                          num_workers=num_workers)
+    encoded = _encoded(loader, mine, encode, dataset, row_shape, dtype, image_paths, path, device,
+                       skip_unreadable)
+    if ranks is not None:
+        encoded = _gathered(encoded, ranks, -(-n // batch_size))
+        if not ranks.is_main:
+            return [p for _, _, skipped, _ in encoded for p in skipped]
     kept, skipped = [], []
-    loader = image_loader(image_paths, transform, batch_size=batch_size, num_workers=num_workers)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", libver=LIBVER) as f:
             ds = f.create_dataset(dataset, shape=(n, *row_shape), maxshape=(None, *row_shape),
                                   dtype=dtype, chunks=(1, *row_shape), track_times=False)
             row = 0
-            with tqdm(total=n, desc=desc or Path(path).name, unit="img") as bar, torch.inference_mode():
-                for batch in loader:
-                    if batch.errors:
-                        if not skip_unreadable:
-                            raise batch.errors[0]
-                        for e in batch.errors:
-                            report_skip(e)
-                            skipped.append(e.path)
-                    if batch.pixels is not None:
-                        out = encode(batch.pixels.to(device))
-                        out = out.to(dtype=torch.float16 if dtype == np.float16 else torch.float32)
-                        out = out.cpu().numpy()
-                        if out.shape[1:] != tuple(row_shape):
-                            raise FeatureFileError(f"{path}: encoder gave rows {out.shape[1:]}, "
-                                                   f"expected {tuple(row_shape)}")
-                        if not np.isfinite(out).all():
-                            bad = [str(image_paths[i]) for i, o in zip(batch.indices, out)
-                                   if not np.isfinite(o).all()]
-                            raise FeatureFileError(f"{path}: non-finite {dataset} (overflow in "
-                                                   f"{np.dtype(dtype).name}?) for {bad[:5]}")
+            with tqdm(total=n, desc=desc or Path(path).name, unit="img") as bar:
+                for indices, out, errors, count in encoded:
+                    skipped.extend(errors)
+                    if out is not None:
                         ds[row:row + len(out)] = out
                         row += len(out)
-                        kept.extend(batch.indices)
-                    bar.update(len(batch.indices) + len(batch.errors))
+                        kept.extend(indices)
+                    bar.update(count)
             if row == 0:
                 raise FeatureFileError(f"{path}: none of the {n} images could be read")
             if row < n:
@@ -91,11 +89,52 @@ def _write_h5(path, dataset, row_shape, dtype, encode, transform, image_paths, a
     return skipped
 
 
+def _encoded(loader, positions, encode, dataset, row_shape, dtype, image_paths, path, device,
+             skip_unreadable):
+    """Per batch of `loader` (over image_paths[positions]): (indices into image_paths of the
+    encoded images, their rows as a numpy array or None, paths of the skipped images, images)."""
+    for batch in loader:
+        if batch.errors:
+            if not skip_unreadable:
+                raise batch.errors[0]
+            for e in batch.errors:
+                report_skip(e)
+        indices = [positions[i] for i in batch.indices]
+        out = None
+        if batch.pixels is not None:
+            with torch.inference_mode():
+                out = encode(batch.pixels.to(device))
+                out = out.to(dtype=torch.float16 if dtype == np.float16 else torch.float32)
+                out = out.cpu().numpy()
+            if out.shape[1:] != tuple(row_shape):
+                raise FeatureFileError(f"{path}: encoder gave rows {out.shape[1:]}, "
+                                       f"expected {tuple(row_shape)}")
+            if not np.isfinite(out).all():
+                bad = [str(image_paths[i]) for i, o in zip(indices, out)
+                       if not np.isfinite(o).all()]
+                raise FeatureFileError(f"{path}: non-finite {dataset} (overflow in "
+                                       f"{np.dtype(dtype).name}?) for {bad[:5]}")
+        yield indices, out, [e.path for e in batch.errors], len(batch.indices) + len(batch.errors)
+
+
+def _gathered(encoded, ranks, n_blocks):
+    """The batches of every rank, in block order, on rank 0 (the others get their own): in each
+    round every rank sends its next block (block round * world_size + rank) to rank 0."""
+    for start in range(0, n_blocks, ranks.world_size):
+        own = next(encoded) if start + ranks.rank < n_blocks else None
+        gathered = ranks.gather(own)
+        if ranks.is_main:
+            yield from (item for item in gathered if item is not None)
+        elif own is not None:
+            yield own
+
+
 def write_features(path, encoder, image_paths, encoder_id, *, batch_size=32, num_workers=0,
-                   device="cpu", skip_unreadable=False, desc=None):
+                   device="cpu", skip_unreadable=False, desc=None, ranks=None):
     """Tokens of every image (in the given order) by a frozen ImageEncoder into `path`.
 
-    Returns the list of skipped (unreadable) image paths; empty unless skip_unreadable."""
+    Returns the list of skipped (unreadable) image paths; empty unless skip_unreadable.
+    ranks: under torchrun, every rank encodes its share and rank 0 writes the file (_write_h5)."""
     attrs = {
         "encoder_id": encoder_id,
         "num_tokens": encoder.num_tokens,
@@ -107,17 +146,19 @@ def write_features(path, encoder, image_paths, encoder_id, *, batch_size=32, num
     return _write_h5(path, "tokens", (encoder.num_tokens, encoder.width), np.float16, encoder,
                      encoder.preprocess, image_paths, attrs, batch_size=batch_size,
                      num_workers=num_workers, device=device, skip_unreadable=skip_unreadable,
-                     desc=desc)
+                     desc=desc, ranks=ranks)
 
 
 def write_clip_embeddings(path, clip_model, preprocess, image_paths, model_id, *, batch_size=32,
-                          num_workers=0, device="cpu", skip_unreadable=False, desc=None):
-    """`clip_model.encode_image` (float32, not normalised) of every image into `path`."""
+                          num_workers=0, device="cpu", skip_unreadable=False, desc=None,
+                          ranks=None):
+    """`clip_model.encode_image` (float32, not normalised) of every image into `path` (ranks: as
+    write_features)."""
     embed_dim = int(clip_model.visual.output_dim)
     return _write_h5(path, "embeds", (embed_dim,), np.float32, clip_model.encode_image,
                      preprocess, image_paths, {"model_id": model_id}, batch_size=batch_size,
                      num_workers=num_workers, device=device, skip_unreadable=skip_unreadable,
-                     desc=desc)
+                     desc=desc, ranks=ranks)
 
 
 def _open(path):
@@ -260,3 +301,25 @@ class FeatureFile:
         state = dict(self.__dict__)
         state["_file"], state["_pid"], state["_ds"] = None, None, None   # h5py handles do not pickle
         return state
+
+
+class FileRows:
+    """A FeatureFile's tokens indexed like the in-memory table [N, T, D], but read from the file
+    at each access: `rows[LongTensor]` [k, T, D], `rows[i]` [T, D], float16 on the CPU. What a
+    training rank under torchrun reads its batch shares through, so that no process holds the
+    whole table (the OS page cache keeps one copy of the file for all the ranks of a machine)."""
+    device = torch.device("cpu")
+
+    def __init__(self, features):
+        self.features = features
+        self.shape = features.shape
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, index):
+        if isinstance(index, torch.Tensor) and index.dim() == 0:
+            index = int(index)
+        if isinstance(index, int):
+            return self.features[index]
+        return self.features.read_rows(torch.as_tensor(index).tolist())

@@ -2,7 +2,14 @@
 bf16 autocast on GPU; every epoch a train loss, a val loss and a val CIDEr from greedy decoding of a
 val subset; the checkpoint with the best val CIDEr is kept (CIDEr peaks early while the loss
 keeps falling). The speed tricks around a step are speed/'s, each behind a switch of
-`train.speed`."""
+`train.speed`.
+
+Under torchrun (`ranks`, common/distributed.py) the same optimisation runs as several processes:
+every rank draws the same global batches (train.batch_size captions, whatever the number of
+processes), takes its contiguous share of each, and weights its share's mean token loss by the
+share's fraction of the batch's target tokens; DistributedDataParallel sums the gradients, so
+every rank applies the gradient of the whole batch's mean token loss, as one process does (equal
+up to the order of fp32 additions). Only rank 0 evaluates and writes the checkpoint."""
 import itertools
 import math
 import random
@@ -52,9 +59,13 @@ class TrainConfig:
     # fewer images (docs/performance.md). False: the captions in random order.
     group_by_image: bool = False
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    # Processes on this machine (train stage): above 1, the stage re-runs itself under `torchrun
+    # --standalone --nproc-per-node N` (one per GPU, or per CPU core): the same optimisation
+    nproc_per_node: int = 1
 
     def __post_init__(self):
         for name, least in (("epochs", 1), ("batch_size", 1), ("val_batch_size", 1),
+                            ("nproc_per_node", 1),
                             ("max_caption_tokens", 2),  # 2: the start and the end token
                             ("val_images", 0), ("grad_clip", 0), ("lr", 0), ("warmup_steps", 0)):
             if getattr(self, name) < least:
@@ -152,18 +163,21 @@ def make_optimizer(model, config, fused=None):
     return optimizer, params
 
 
-def train_step(model, optimizer, params, batch, tokenizer, config, device, lr, fast):
+def train_step(model, optimizer, params, batch, tokenizer, config, device, lr, fast, loss=None,
+               weight=None):
     """One optimiser step on a batch of (image row, caption ids) pairs, inside `fast` (the run's
-    TrainingSpeedups); returns the loss tensor."""
+    TrainingSpeedups); returns the loss tensor. Under torchrun: `loss` the DistributedDataParallel
+    loss (`data_parallel_loss`), `batch` this rank's share, its loss weighted by `weight` for the
+    backward (the share's fraction of the global batch's target tokens)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     # Gradients dropped before the forward: their memory is free for it, and with CUDA graphs none
     # of last step's graph outputs is still held when the next replay reuses it.
     optimizer.zero_grad(set_to_none=True)
     fast.zero_grad()
-    loss = batch_loss(model, batch, fast.rows, tokenizer, config, device, fast.loss,
-                      fast.width_multiple)
-    loss.backward()
+    loss = batch_loss(model, batch, fast.rows, tokenizer, config, device,
+                      fast.loss if loss is None else loss, fast.width_multiple)
+    (loss if weight is None else loss * weight).backward()
     fast.grads_to_masters()
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -177,6 +191,40 @@ def speedups(model, tokens, config, device, store_trainable=True):
     model.to(device).train()
     return TrainingSpeedups(model, tokens, config.speed, config.autocast_dtype(device), device,
                             config.group_by_image, store_trainable)
+
+
+class _Loss(torch.nn.Module):
+    """`loss(visual, input_ids, targets, image_index)` as a module's forward over `model`'s
+    parameters: what DistributedDataParallel wraps (it hooks into forward, not model.loss)."""
+
+    def __init__(self, model, loss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, visual, input_ids, targets, image_index=None):
+        return self.loss(visual, input_ids, targets, image_index)
+
+
+def data_parallel_loss(model, fast, ranks):
+    """The run's loss (fast.loss) in DistributedDataParallel over the parameters the forward uses
+    inside the speedups (the stored working copies among them): call it inside `fast`."""
+    return ranks.data_parallel(_Loss(model, fast.loss))
+
+
+def rank_share(batch, ranks, max_caption_tokens):
+    """(this rank's share of a global batch, the weight of its mean token loss, its target tokens,
+    the batch's target tokens); with one process (`ranks` None) the whole batch and no weight. A
+    rank whose share is empty (a last batch smaller than the number of processes) computes the
+    first caption's loss with weight 0: every rank must run the forward and backward for the
+    gradients to be summed."""
+    total = target_count([t for _, t in batch], max_caption_tokens)
+    if ranks is None:
+        return batch, None, total, total
+    share = ranks.share(batch)
+    if not share:
+        return batch[:1], 0.0, 0, total
+    n = target_count([t for _, t in share], max_caption_tokens)
+    return share, n / total, n, total
 
 
 @torch.no_grad()
@@ -204,12 +252,17 @@ def evaluate(model, val, tokenizer, config, device, subset):
 
 
 def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, device,
-          log=TrainingLog()):
+          log=TrainingLog(), ranks=None):
     """Train the trainable part of `model`, reporting to `log`; return (history, best epoch's row).
 
     The best val-CIDEr epoch's trainable tensors are kept in memory and written to
     `checkpoint_path` once training is over (the model is left holding them), so a killed run
-    never leaves a checkpoint behind that looks like a finished one."""
+    never leaves a checkpoint behind that looks like a finished one.
+
+    ranks: this process's common.distributed.Ranks under torchrun (None: one process). Every rank
+    trains on its share of each batch; rank 0 alone evaluates, reports to `log` and writes the
+    checkpoint; the others return ([], None) and keep the last step's tensors."""
+    main = ranks is None or ranks.is_main
     torch.manual_seed(config.seed)
     shuffler = random.Random(config.seed)
     steps_per_epoch = math.ceil(len(train_pairs.pairs) / config.batch_size)
@@ -221,6 +274,7 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer, params = make_optimizer(model, config)
     with speedups(model, train_pairs.tokens, config, device) as fast:
+        parallel = None if ranks is None else data_parallel_loss(model, fast, ranks)
         for epoch in range(1, config.epochs + 1):
             # losses summed over target tokens, on the device, read every LOG_EVERY steps: the
             # epoch's, and those since the last read
@@ -228,21 +282,32 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
                                      for _ in range(2))
             epoch_count = recent_count = 0
             bar = tqdm(train_pairs.batches(config.batch_size, True, shuffler, config.group_by_image),
-                       total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False)
+                       total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                       disable=not main)
             for batch in bar:
                 lr = lr_at(done, total, config)
-                loss = train_step(model, optimizer, params, batch, tokenizer, config, device, lr, fast)
-                n = target_count([t for _, t in batch], config.max_caption_tokens)
-                weighted = loss.detach().double() * n
+                # under torchrun: this rank's share; its token-loss sum, summed over the ranks
+                # when read
+                share, weight, own, n = rank_share(batch, ranks, config.max_caption_tokens)
+                loss = train_step(model, optimizer, params, share, tokenizer, config, device, lr,
+                                  fast, parallel, weight)
+                weighted = loss.detach().double() * own
                 epoch_sum += weighted
                 recent_sum += weighted
                 epoch_count, recent_count, done = epoch_count + n, recent_count + n, done + 1
                 if done % LOG_EVERY == 0:
+                    if ranks is not None:
+                        ranks.sum_(recent_sum)
                     recent = recent_sum.item() / recent_count
-                    log.step(done, {"loss": recent, "lr": lr})
+                    if main:
+                        log.step(done, {"loss": recent, "lr": lr})
                     bar.set_postfix(loss=f"{recent:.3f}")
                     recent_sum.zero_()
                     recent_count = 0
+            if ranks is not None:
+                ranks.sum_(epoch_sum)
+                if not main:
+                    continue
             val_loss, val_cider, _ = evaluate(model, val_pairs, tokenizer, config, device, subset)
             row = dict(epoch=epoch, step=done, train_loss=epoch_sum.item() / epoch_count,
                        val_loss=val_loss, val_cider=val_cider)
@@ -251,6 +316,8 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
             if best is None or val_cider > best["val_cider"]:
                 best = row
                 best_state = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}
+    if not main:
+        return history, best
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(best_state[name])
