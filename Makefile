@@ -36,12 +36,13 @@ repro: java env
 # DVC deletes a stage's outputs before running it: after a stage stopped (bad input, killed),
 # this brings back what the last completed run wrote: the files git tracks that are now deleted
 # (metrics, curves), then the cached outputs that dvc.lock names (a failed run leaves it as was).
+# An output that differs from its dvc.lock version (a corrupt feature file) is replaced by it.
 restore:
 	git ls-files -z --deleted | xargs -0 -r git checkout --
-	dvc checkout
+	dvc checkout --force
 
 test: java env
-	python -m pytest -q tests
+	python -m pytest -q --durations=15 tests
 
 # --- hand-in (issue 22) ---
 #   make handin URL=https://host/path/release.tar.gz   pack handin/release.tar.gz (+ .sha256) from

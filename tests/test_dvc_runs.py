@@ -53,10 +53,9 @@ def merge(params, tiny):
             params[key] = value
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A git + DVC copy of this repository's tracked files with tiny params, reproduced once."""
-    repo = tmp_path_factory.mktemp("dvc") / "repo"
+def tiny_copy(repo):
+    """Copy this repository's files (tracked, or untracked and not ignored) to `repo`, without the
+    committed run's outputs and dvc.lock, with the TINY params."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split("\n")
     for rel in filter(None, files):
@@ -68,6 +67,13 @@ def repo(tmp_path_factory):
     params["world"]["decoder_heads"] = params["demo_gpt2"]["n_head"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / "dvc.lock").unlink()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git + DVC copy of this repository's tracked files with tiny params, reproduced once."""
+    repo = tmp_path_factory.mktemp("dvc") / "repo"
+    tiny_copy(repo)
     for args in (["git", "init", "-q"], ["git", "add", "-A"],
                  ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
         run(repo, *args)
@@ -150,7 +156,9 @@ def test_two_queued_experiments_run_with_two_workers(repo):
     names = {rev["name"]: rev["data"]["metrics"] for entry in shown
              for exp in entry.get("experiments") or [] for rev in exp["revs"]}
     assert {"q2", "q6"} <= names.keys()
-    assert names["q2"]["metrics/lora.json"]["data"] != names["q6"]["metrics/lora.json"]["data"]
+    trained = {name: names[name]["live/train/lora/metrics.json"]["data"] for name in ("q2", "q6")}
+    assert trained["q2"]["trainable_params"] < trained["q6"]["trainable_params"], trained
+    assert all("cider" in names[name]["metrics/lora.json"]["data"] for name in ("q2", "q6"))
 
 
 def snapshot(repo):

@@ -5,7 +5,6 @@ finds every stage up to date (nothing re-runs); a third, fresh, takes the hand-i
 repository's, in a git copy with the tiny params of tests/test_dvc_runs.py."""
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 from common.distributed import cpu_cores
-from tests.test_dvc_runs import TINY, merge, run
+from tests.test_dvc_runs import run, tiny_copy
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,17 +46,7 @@ def pushed(tmp_path_factory):
     default remote by `make remote` (committed in .dvc/config), everything pushed."""
     root = tmp_path_factory.mktemp("remote")
     repo = root / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\n")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file() and not rel.startswith(("live/", "metrics/", "plots/")):
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, repo / rel)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    merge(params, TINY)
-    params["world"]["decoder_heads"] = params["demo_gpt2"]["n_head"]
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / "dvc.lock").unlink()
+    tiny_copy(repo)
     run(repo, "git", "init", "-q")
     commit(repo, "tiny")
     run(repo, "dvc", "repro")
