@@ -41,7 +41,7 @@ with warnings.catch_warnings():
     from clip.model import CLIP
 
 from demo import scenes
-from common.atomic import atomic_path
+from common.atomic import atomic_open
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -380,8 +380,8 @@ def _train(cfg, data, image_resolution, eval_set, progress, device):
 def save_clip(model, path):
     """A plain fp32 state dict: what clip.load(path, jit=False) and evaluation.clip_io read."""
     sd = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save(sd, tmp)
+    with atomic_open(path, "wb") as f:   # a file object: torch names the archive "archive",
+        torch.save(sd, f)                # not after the (per-run) temporary file
     return Path(path)
 
 

@@ -179,8 +179,8 @@ def pretrain(tok, train_captions, val_captions, cfg, progress=True):
 def save_decoder(model, path, check_ids):
     """Save in the course decoder_model.bin format, then reload it through the course loader and
     check that it gives the same logits on `check_ids` (a LongTensor [B, T] of token ids)."""
-    with atomic_path(path) as tmp:
-        torch.save(course_state_dict(model), tmp)
+    with atomic_open(path, "wb") as f:   # a file object: torch names the archive "archive",
+        torch.save(course_state_dict(model), f)   # not after the (per-run) temporary file
     reloaded = load_course_checkpoint(path, n_head=model.config.n_head)
     model.eval()
     reloaded.eval()

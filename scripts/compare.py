@@ -9,10 +9,10 @@ captions in words, read from the experiment's own outputs (`dvc.api`, the local 
 """
 import argparse
 import json
-import subprocess
 import sys
 
 from reporting.experiments import write_comparisons
+from scripts.dvc_command import dvc
 from scripts.sweep import SWEEPS
 
 
@@ -39,8 +39,7 @@ def main(argv=None):
     ap.add_argument("sweeps", nargs="*", metavar="SWEEP", help="default: every sweep")
     ap.add_argument("--out", default="comparisons")
     args = ap.parse_args(argv)
-    shown = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True,
-                           check=True).stdout
+    shown = dvc("exp", "show", "--json", capture=True)
     done = write_comparisons(json.loads(shown), args.sweeps or list(SWEEPS), args.out, outputs_of)
     for sweep, rows in done.items():
         print(f"{args.out}/{sweep}.json: {len(rows)} rows")

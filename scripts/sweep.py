@@ -14,9 +14,10 @@ them; `dvc exp apply <name>` brings one into the workspace. On 2 CPU cores run o
 import argparse
 import itertools
 import json
-import subprocess
 import sys
 import time
+
+from scripts.dvc_command import dvc
 
 LORA_ALL = ["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 # sweep -> its points: {point name: {params key: value}} (a grid: {key: [values]})
@@ -77,8 +78,7 @@ def wait_for_queue(names, poll=10):
     """Until none of the experiments `names` is queued or running in `dvc queue status` (columns:
     task, name, created, status); returns those that failed."""
     while True:
-        status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True,
-                                check=True).stdout
+        status = dvc("queue", "status", capture=True)
         rows = [line.split() for line in status.splitlines()]
         state = {row[1]: row[-1] for row in rows if len(row) >= 4 and row[1] in names}
         if not any(s in ("Queued", "Running") for s in state.values()):
@@ -105,10 +105,10 @@ def main(argv=None):
     for sweep in args.sweeps:
         for command in queue_commands(sweep):
             print("+", " ".join(command), flush=True)
-            subprocess.run(command, check=True)
+            dvc(*command[1:])
             names.append(command[command.index("-n") + 1])
     if args.run:
-        subprocess.run(["dvc", "queue", "start", "-j", str(args.jobs)], check=True)
+        dvc("queue", "start", "-j", str(args.jobs))
         failed = wait_for_queue(names)
         if failed:
             print(f"failed experiments: {failed} (`dvc queue logs NAME` tells why)", file=sys.stderr)

@@ -114,6 +114,15 @@ def test_training_is_deterministic(world, trained):
         assert torch.equal(again.state_dict()[k], v), k
 
 
+def test_saved_file_bytes_do_not_depend_on_the_path(trained, tmp_path):
+    """torch.save names its archive after the file it writes: written through the atomic
+    temporary file (a per-run name), every run's bytes, and DVC's hashes, would differ."""
+    model, _, _ = trained
+    first = clip_train.save_clip(model, tmp_path / "a" / "clip_demo.pt")
+    second = clip_train.save_clip(model, tmp_path / "b" / "other.pt")
+    assert first.read_bytes() == second.read_bytes()
+
+
 def test_resnet_tower_trains_and_reloads_at_its_input_resolution(world, tmp_path):
     """clip's ModifiedResNet tower, fed 32 px images resized to its 64 px input exactly as
     clip's preprocess resizes them; the saved file reloads through load_clip unchanged."""

@@ -139,6 +139,14 @@ def test_pretraining_is_deterministic(trained, p2):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
+def test_decoder_file_bytes_do_not_depend_on_the_path(trained, tmp_path):
+    tok, _, model, _, _, _ = trained
+    ids = torch.tensor([[tok.eot_id] + tok.encode("a red circle")])
+    save_decoder(model, tmp_path / "decoder_model.bin", ids)
+    save_decoder(model, tmp_path / "other.bin", ids)
+    assert (tmp_path / "decoder_model.bin").read_bytes() == (tmp_path / "other.bin").read_bytes()
+
+
 def test_decoder_file_has_the_course_keys_and_conv1d_shapes(trained, tmp_path):
     tok, cfg, model, _, _, _ = trained
     path = tmp_path / "decoder_model.bin"
