@@ -94,18 +94,24 @@ class Captioner(nn.Module):
         self.config = config
         self.decoder = decoder
         decoder.requires_grad_(False)
-        self.visual_proj = attach_bridge(decoder, config.bridge, config.visual_width)
+        # query_former: None unless the bridge's `queries` (then the projection reads its output)
+        self.query_former, self.visual_proj = attach_bridge(decoder, config.bridge,
+                                                            config.visual_width)
         self.prefix_tuning = None  # prefix tuning's PrefixEncoder (the decoder's past_kv)
         self.soft_prompt = None  # prompt tuning's soft tokens, placed before the text
         apply_peft(self, config.peft)
 
     def context(self, visual_tokens, image_index=None):
-        """Project image tokens [N, V, D] for the chosen bridge, once per image. image_index: [B]
-        the image of each of B sequences (None: B = N, one sequence per image)."""
+        """Project image tokens [N, V, D] for the chosen bridge (through its queries, if any), once
+        per image. image_index: [B] the image of each of B sequences (None: B = N, one sequence
+        per image)."""
         if image_index is not None and (image_index.dim() != 1 or image_index.is_floating_point()):
             raise ValueError(f"image_index: expected a 1-D tensor of image rows, got "
                              f"{image_index.dtype} of shape {tuple(image_index.shape)}")
-        projected = self.visual_proj(visual_tokens.to(self.visual_proj.net[0].weight.dtype))
+        tokens = visual_tokens.to(self.visual_proj.net[0].weight.dtype)
+        if self.query_former is not None:
+            tokens = self.query_former(tokens)
+        projected = self.visual_proj(tokens)
         B = len(projected) if image_index is None else len(image_index)
         prefix = []
         visual_prefix = self.config.bridge.kind == "visual_prefix"
@@ -148,7 +154,7 @@ class Captioner(nn.Module):
         if self.config.bridge.kind != "visual_prefix":
             return None
         start = self.prefix_tuning.length if self.prefix_tuning is not None else 0
-        return start, start + self.config.visual_tokens
+        return start, start + self.config.bridge.decoder_tokens(self.config.visual_tokens)
 
     # --- the trainable part -------------------------------------------------------------------
 
