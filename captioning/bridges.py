@@ -167,13 +167,15 @@ class QueryBlock(nn.Module):
         self.ln_3 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
-    def forward(self, x, image):
+    def forward(self, x, image, capture=False):
+        """(the queries after this layer, with capture their attention over the image [B, nh, N, V])"""
         heads = lambda t: split_heads(t, self.n_head)
         q, k, v = map(heads, self.qkv(self.ln_1(x)).split(self.width, dim=2))
         x = x + self.self_proj(merge_heads(attend(q, k, v)[0]))
         k, v = map(heads, self.kv(image).split(self.width, dim=2))
-        x = x + self.cross_proj(merge_heads(attend(heads(self.q(self.ln_2(x))), k, v)[0]))
-        return x + self.mlp(self.ln_3(x))
+        y, att = attend(heads(self.q(self.ln_2(x))), k, v, capture=capture)
+        x = x + self.cross_proj(merge_heads(y))
+        return x + self.mlp(self.ln_3(x)), att
 
 
 class QueryFormer(nn.Module):
@@ -192,8 +194,16 @@ class QueryFormer(nn.Module):
     def forward(self, image):
         x = self.queries.to(image.dtype).expand(image.size(0), -1, -1)
         for block in self.blocks:
-            x = block(x, image)
+            x, _ = block(x, image)
         return self.ln(x)
+
+    def image_attention(self, image):
+        """[B, N, V]: each query's attention over the image tokens in the last layer, the mean of
+        its heads: what carries attention over the queries back onto the image (attention maps)."""
+        x = self.queries.to(image.dtype).expand(image.size(0), -1, -1)
+        for block in self.blocks:
+            x, att = block(x, image, capture=True)
+        return att.mean(dim=1)
 
 
 def attach_cross(decoder, config, visual_width, gate_init=None):
