@@ -156,6 +156,11 @@ class Captioner(nn.Module):
         start = self.prefix_tuning.length if self.prefix_tuning is not None else 0
         return start, start + self.config.bridge.decoder_tokens(self.config.visual_tokens)
 
+    def gates(self):
+        """{decoder block: tanh(gate)} of a gated bridge's cross-attention ({} for the others)."""
+        return {i: torch.tanh(b.cross.gate.detach().float()).item()
+                for i, b in enumerate(self.decoder.h) if b.cross is not None and b.cross.gate is not None}
+
     # --- the trainable part -------------------------------------------------------------------
 
     def trainable_state_dict(self):

@@ -30,7 +30,8 @@ LOG_EVERY = 20  # steps between two reads of the running loss (each read waits f
 
 class TrainingLog:
     """What train() reports: every LOG_EVERY steps the mean train loss of those steps and the
-    learning rate (`step`); every epoch its row (`epoch`). This one prints the epochs; the train
+    learning rate (`step`); every epoch its row (`epoch`; with a gated bridge, "gates": {decoder
+    block: tanh(gate)}). This one prints the epochs; the train
     stage's also logs both with dvclive."""
 
     def step(self, step, values):
@@ -311,6 +312,8 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
             val_loss, val_cider, _ = evaluate(model, val_pairs, tokenizer, config, device, subset)
             row = dict(epoch=epoch, step=done, train_loss=epoch_sum.item() / epoch_count,
                        val_loss=val_loss, val_cider=val_cider)
+            if model.gates():   # a gated bridge: how far each block's gate has opened
+                row["gates"] = model.gates()
             history.append(row)
             log.epoch(row)
             if best is None or val_cider > best["val_cider"]:
