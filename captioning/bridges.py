@@ -218,6 +218,7 @@ def attach_visual_prefix(decoder, config, visual_width):
     return VisualProjection(visual_width, n_embd, config.hidden or 2 * n_embd)
 
 
+BRIDGE_ROLES = {CrossAttention.role, VisualProjection.role, QueryFormer.role}
 SETTINGS = {"cross": CrossConfig, "gated_cross": GatedCrossConfig,
             "visual_prefix": VisualPrefixConfig}
 # kind -> attach(decoder, settings, visual_width): adds the bridge's modules to the decoder's hook

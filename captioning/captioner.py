@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from captioning.bridges import BridgeConfig, attach_bridge
+from captioning.bridges import BRIDGE_ROLES, BridgeConfig, attach_bridge
 from captioning.gpt2 import GPT2, GPT2Config
 from captioning.peft import PeftConfig, apply_peft
 
@@ -166,17 +166,26 @@ class Captioner(nn.Module):
     def trainable_state_dict(self):
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
-    def parameter_counts(self):
-        """Trainable and frozen parameters per part of the model, as {part: (trainable, frozen)}:
-        a trainable parameter belongs to the `role` of the innermost module with one that holds it,
-        a frozen one to the pretrained decoder."""
+    def _role_of(self):
+        """{id(parameter): the `role` of the innermost module with one that holds it}."""
         def roles(module, role):
             role = getattr(module, "role", role)
             yield from ((p, role) for p in module.parameters(recurse=False))
             for child in module.children():
                 yield from roles(child, role)
+        return {id(p): role for p, role in roles(self, PRETRAINED)}
 
-        role_of = {id(p): role for p, role in roles(self, PRETRAINED)}
+    def peft_parameters(self):
+        """{name: parameter} of the PEFT method's trainable parameters (the rest are the bridge's)."""
+        role_of = self._role_of()
+        return {n: p for n, p in self.named_parameters()
+                if p.requires_grad and role_of[id(p)] not in BRIDGE_ROLES}
+
+    def parameter_counts(self):
+        """Trainable and frozen parameters per part of the model, as {part: (trainable, frozen)}:
+        a trainable parameter belongs to the `role` of the innermost module with one that holds it,
+        a frozen one to the pretrained decoder."""
+        role_of = self._role_of()
         trainable, frozen = Counter(), Counter()
         for p in self.parameters():
             if p.requires_grad:
