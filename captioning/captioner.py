@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from captioning.bridges import BridgeConfig, attach_bridge
+from captioning.bridges import BRIDGE_ROLES, BridgeConfig, attach_bridge
 from captioning.gpt2 import GPT2, GPT2Config
 from captioning.peft import PeftConfig, apply_peft
 
@@ -94,18 +94,24 @@ class Captioner(nn.Module):
         self.config = config
         self.decoder = decoder
         decoder.requires_grad_(False)
-        self.visual_proj = attach_bridge(decoder, config.bridge, config.visual_width)
+        # query_former: None unless the bridge's `queries` (then the projection reads its output)
+        self.query_former, self.visual_proj = attach_bridge(decoder, config.bridge,
+                                                            config.visual_width)
         self.prefix_tuning = None  # prefix tuning's PrefixEncoder (the decoder's past_kv)
         self.soft_prompt = None  # prompt tuning's soft tokens, placed before the text
         apply_peft(self, config.peft)
 
     def context(self, visual_tokens, image_index=None):
-        """Project image tokens [N, V, D] for the chosen bridge, once per image. image_index: [B]
-        the image of each of B sequences (None: B = N, one sequence per image)."""
+        """Project image tokens [N, V, D] for the chosen bridge (through its queries, if any), once
+        per image. image_index: [B] the image of each of B sequences (None: B = N, one sequence
+        per image)."""
         if image_index is not None and (image_index.dim() != 1 or image_index.is_floating_point()):
             raise ValueError(f"image_index: expected a 1-D tensor of image rows, got "
                              f"{image_index.dtype} of shape {tuple(image_index.shape)}")
-        projected = self.visual_proj(visual_tokens.to(self.visual_proj.net[0].weight.dtype))
+        tokens = visual_tokens.to(self.visual_proj.net[0].weight.dtype)
+        if self.query_former is not None:
+            tokens = self.query_former(tokens)
+        projected = self.visual_proj(tokens)
         B = len(projected) if image_index is None else len(image_index)
         prefix = []
         visual_prefix = self.config.bridge.kind == "visual_prefix"
@@ -148,24 +154,38 @@ class Captioner(nn.Module):
         if self.config.bridge.kind != "visual_prefix":
             return None
         start = self.prefix_tuning.length if self.prefix_tuning is not None else 0
-        return start, start + self.config.visual_tokens
+        return start, start + self.config.bridge.decoder_tokens(self.config.visual_tokens)
+
+    def gates(self):
+        """{decoder block: tanh(gate)} of a gated bridge's cross-attention ({} for the others)."""
+        return {i: torch.tanh(b.cross.gate.detach().float()).item()
+                for i, b in enumerate(self.decoder.h) if b.cross is not None and b.cross.gate is not None}
 
     # --- the trainable part -------------------------------------------------------------------
 
     def trainable_state_dict(self):
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
-    def parameter_counts(self):
-        """Trainable and frozen parameters per part of the model, as {part: (trainable, frozen)}:
-        a trainable parameter belongs to the `role` of the innermost module with one that holds it,
-        a frozen one to the pretrained decoder."""
+    def _role_of(self):
+        """{id(parameter): the `role` of the innermost module with one that holds it}."""
         def roles(module, role):
             role = getattr(module, "role", role)
             yield from ((p, role) for p in module.parameters(recurse=False))
             for child in module.children():
                 yield from roles(child, role)
+        return {id(p): role for p, role in roles(self, PRETRAINED)}
 
-        role_of = {id(p): role for p, role in roles(self, PRETRAINED)}
+    def peft_parameters(self):
+        """{name: parameter} of the PEFT method's trainable parameters (the rest are the bridge's)."""
+        role_of = self._role_of()
+        return {n: p for n, p in self.named_parameters()
+                if p.requires_grad and role_of[id(p)] not in BRIDGE_ROLES}
+
+    def parameter_counts(self):
+        """Trainable and frozen parameters per part of the model, as {part: (trainable, frozen)}:
+        a trainable parameter belongs to the `role` of the innermost module with one that holds it,
+        a frozen one to the pretrained decoder."""
+        role_of = self._role_of()
         trainable, frozen = Counter(), Counter()
         for p in self.parameters():
             if p.requires_grad:

@@ -9,6 +9,10 @@ final norm, and which carries what later code needs to use those tokens:
   width        D
   grid         (h, w) of the patch tokens: token num_prefix_tokens + r * w + c is patch (r, c)
 
+LLaVA's choice of tokens is two options: `layer` "penultimate" (the second-to-last block's output,
+before any norm; ViTs only) instead of "last", and `class_token` False (the prefix tokens
+dropped: num_prefix_tokens 0). Both are part of `encoder_id` when not the default.
+
 `EncoderConfig.precision` ("fp32", "fp16", "bf16") runs the forward under autocast to that dtype
 (fp16 on a GPU: ViT-L/14 extraction ~3.7x faster, docs/performance.md); the tokens come back fp32.
 It is part of `encoder_id`, so features and checkpoints of different precisions never mix.
@@ -62,11 +66,17 @@ class EncoderConfig:
     image_size: Optional[int] = None    # timm only: img_size override (square)
     model_kwargs: dict = field(default_factory=dict)   # timm only: extra create_model kwargs
     precision: str = "fp32"             # "fp32" | "fp16" | "bf16": forward under autocast to it
+    # "last": the tokens after the final norm | "penultimate": the second-to-last block's output,
+    # before any norm (LLaVA's choice); ViTs only
+    layer: str = "last"
+    class_token: bool = True            # False: the prefix (class) tokens dropped, patches only
 
     def __post_init__(self):
         self.model_kwargs = dict(self.model_kwargs or {})
         if self.kind not in ("timm", "clip"):
             raise EncoderError(f"kind must be 'timm' or 'clip', got {self.kind!r}")
+        if self.layer not in ("last", "penultimate"):
+            raise EncoderError(f"layer must be 'last' or 'penultimate', got {self.layer!r}")
         if self.precision not in DTYPES:
             raise EncoderError(f"precision must be one of {sorted(DTYPES)}, "
                                f"got {self.precision!r}")
@@ -100,8 +110,13 @@ def encoder_id(cfg: EncoderConfig) -> str:
         ident["image_size"] = int(cfg.image_size)
     if cfg.model_kwargs:
         ident["model_kwargs"] = cfg.model_kwargs
-    if cfg.precision != "fp32":   # other numbers; fp32 ids stay what they were before the option
+    # other tokens; the defaults' ids stay what they were before these options
+    if cfg.precision != "fp32":
         ident["precision"] = cfg.precision
+    if cfg.layer != "last":
+        ident["layer"] = cfg.layer
+    if not cfg.class_token:
+        ident["class_token"] = False
     return json.dumps(ident, sort_keys=True, separators=(",", ":"))
 
 
@@ -115,6 +130,8 @@ class ImageEncoder(nn.Module):
     """Common frozen behaviour; subclasses set the attributes and implement `tokens`."""
     preprocess = None
     autocast_dtype = None   # from EncoderConfig.precision
+    penultimate = False   # EncoderConfig.layer
+    dropped_prefix = 0   # leading tokens of tokens() that forward drops (class_token False)
     num_tokens: int
     num_prefix_tokens: int
     width: int
@@ -135,7 +152,16 @@ class ImageEncoder(nn.Module):
         images = self._check_input(images)
         with autocast(images.device.type, self.autocast_dtype):
             tokens = self.tokens(images)
-        return self._check(tokens.float())
+        return self._check(tokens[:, self.dropped_prefix:].float())
+
+    def _options(self, cfg, has_layers):
+        """Apply EncoderConfig.layer and class_token, once the subclass has set its attributes."""
+        if cfg.layer == "penultimate" and not has_layers:
+            raise EncoderError(f"{cfg.name}: layer 'penultimate' needs a ViT (a stack of blocks)")
+        self.penultimate = cfg.layer == "penultimate"
+        if not cfg.class_token:   # tokens() still computes them: forward drops them
+            self.dropped_prefix, self.num_prefix_tokens = self.num_prefix_tokens, 0
+            self.num_tokens = self.grid[0] * self.grid[1]
 
     def _check_input(self, images):
         if images.ndim != 4 or tuple(images.shape[-2:]) != self.image_size:
@@ -243,10 +269,20 @@ class TimmEncoder(ImageEncoder):
         self.data_config = data_cfg
         self.preprocess = create_transform(**data_cfg, is_training=False)
         self.autocast_dtype = DTYPES[cfg.precision]
+        self._options(cfg, len(getattr(model, "blocks", ())) >= 2)
         self._freeze()
 
     def tokens(self, images):
-        return self.model.forward_features(images)
+        if not self.penultimate:
+            return self.model.forward_features(images)
+        # the second-to-last block's output, taken on the way (works for every timm ViT family)
+        out = []
+        hook = self.model.blocks[-2].register_forward_hook(lambda module, args, y: out.append(y))
+        try:
+            self.model.forward_features(images)
+        finally:
+            hook.remove()
+        return out[0]
 
 
 # --------------------------------------------------------------------------------------- CLIP
@@ -277,6 +313,7 @@ class ClipVisualEncoder(ImageEncoder):
         self.num_tokens = 1 + self.grid[0] * self.grid[1]
         self.preprocess = preprocess
         self.autocast_dtype = DTYPES[cfg.precision]
+        self._options(cfg, isinstance(visual, VisionTransformer) and len(visual.transformer.resblocks) >= 2)
         self._freeze()
 
     def tokens(self, images):
@@ -308,6 +345,8 @@ class ClipVisualEncoder(ImageEncoder):
                                                           dtype=x.dtype, device=x.device)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
         x = v.ln_pre(x)
+        if self.penultimate:   # every block but the last, no final norm
+            return v.transformer.resblocks[:-1](x.permute(1, 0, 2)).permute(1, 0, 2)
         x = v.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)   # the package's blocks are LND
         return v.ln_post(x)
 

@@ -3,7 +3,10 @@
 `generate(..., capture=True)` gives, for every generated token, the attention of the query that
 produced it over the image tokens: [n_tokens, n_captured_layers, n_head, V], where V counts the
 encoder's prefix (class) tokens first and then the patches in row-major order (patch (r, c) is
-token num_prefix_tokens + r * grid_w + c, as a ViT flattens its conv output). From that:
+token num_prefix_tokens + r * grid_w + c, as a ViT flattens its conv output). A bridge on learned
+queries (`queries`) attends to them instead: its attention is carried onto the image tokens
+through each query's attention over them in the queries' last layer (`caption_with_maps`). From
+that:
 
 1. layers: keep the decoder blocks named by `layers` ("all", "last", a block or a list of them;
    cross bridges capture only their cross-attention blocks, the visual-prefix bridge every
@@ -332,8 +335,13 @@ def caption_with_maps(model, tokenizer, visual_tokens, decode_config, num_prefix
     """Caption one image (tokens [V, D]) capturing attention: (caption text, Hypothesis, WordMaps)."""
     from captioning.decoding import caption_text, generate
     device = next(model.parameters()).device
-    hyp = generate(model, visual_tokens[None].float().to(device), decode_config, tokenizer.eot_id,
-                   capture=True)[0]
+    image = visual_tokens[None].float().to(device)
+    hyp = generate(model, image, decode_config, tokenizer.eot_id, capture=True)[0]
+    if model.query_former is not None:
+        # the decoder attends to the learned queries: carried onto the image tokens through each
+        # query's own attention over them (its last layer's), [T, L, nh, N] @ [N, V]
+        with torch.no_grad():
+            hyp.attention = hyp.attention @ model.query_former.image_attention(image)[0]
     hyp.attention = hyp.attention.cpu()
     return caption_text(tokenizer, hyp.tokens), hyp, word_maps(model, tokenizer, hyp,
                                                                num_prefix_tokens, grid, config)

@@ -37,6 +37,13 @@ SWEEPS = {
     "repetition": {"off": {"decode.no_repeat_ngram_size": 0},
                    "ngram3": {"decode.no_repeat_ngram_size": 3},
                    "penalty1_2": {"decode.repetition_penalty": 1.2}},
+    # The 2 x 2 ablation {visual prefix, gated cross-attention} x {image tokens, 32 learned
+    # queries}, with LoRA: the baseline's `visual_prefix` and `lora` variants are its image-token
+    # cells, this experiment's the queries cells (the other gated_cross variants move too).
+    "queries": {"q32": {"bridge.gated_cross.queries": 32, "bridge.visual_prefix.queries": 32}},
+    # the gates' initial value: the baseline's 0 (Flamingo: the plain language model at first)
+    # against gates open from the first step
+    "gate_init": {"bridge.gated_cross.gate_init": [0.5, 1.0]},
     # the methods and bridges no default variant trains, each added as a variant
     "methods": {name: {f"+variants.{name}": {"bridge": bridge, "peft": peft}}
                 for name, bridge, peft in (

@@ -4,8 +4,9 @@ Reads params `world`, `train`, `variants.<variant>` and its bridge's and PEFT me
 writes checkpoints/<variant>/model.safetensors (the best val-CIDEr epoch's trainable tensors),
 live/train/<variant>/ (dvclive: metrics.json, the numbers the run is judged by, and
 plots/metrics/, the curves: train loss and learning rate every LOG_EVERY steps, val loss and val
-CIDEr every epoch, against the step) and logs/train/<variant>.json (wall-clock seconds and the
-device: apart, so that re-runs do not show as metric changes). Once its params, decoder,
+CIDEr every epoch, a gated bridge's tanh(gate) per block every epoch (gates/block<i>), against
+the step) and logs/train/<variant>.json (wall-clock seconds and the device: apart, so that
+re-runs do not show as metric changes). Once its params, decoder,
 vocabulary and features have been read and checked, it deletes those, so a run killed half-way
 leaves none of them (the checkpoint is written at the end), while a run stopped by bad input
 leaves the previous ones alone.
@@ -56,6 +57,8 @@ class LiveLog(TrainingLog):
         self.live.step = row["step"]
         for name in ("val_loss", "val_cider"):
             self.live.log_metric(f"val/{name[4:]}", row[name], plot=True)
+        for block, value in row.get("gates", {}).items():   # gates/block<i>.tsv: tanh(gate)
+            self.live.log_metric(f"gates/block{block}", value, plot=True)
         self.live.log_metric("epoch", row["epoch"], plot=False)
 
     def finish(self, summary):

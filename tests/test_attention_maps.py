@@ -225,7 +225,7 @@ def save_jpeg(image, path):
     image.save(path, format="JPEG", quality=95)
 
 
-def make_pipeline(root, clip_path, bridge, peft):
+def make_pipeline(root, clip_path, bridge, peft, queries=0):
     """Everything the visualize stage reads, in miniature: a data root with p3 scenes and val
     images, a tiny GPT-2 in the course format, a released checkpoint, feature files, scores."""
     from demo import scenes
@@ -261,7 +261,8 @@ def make_pipeline(root, clip_path, bridge, peft):
         write_features(root / "features" / f"{split}.h5", encoder, sorted(folder.glob("*.jpg")), eid)
     decoder = load_course_checkpoint(data / "p2_data" / "decoder_model.bin", n_head=2)
     config = CaptionerConfig(decoder=decoder.config, visual_width=encoder.width,
-                             visual_tokens=encoder.num_tokens, bridge=BridgeConfig.of(bridge),
+                             visual_tokens=encoder.num_tokens,
+                             bridge=BridgeConfig.of(bridge, queries=queries, query_width=16),
                              peft=PeftConfig.of(peft, **({"rank": 2} if peft == "lora" else {"length": 3})),
                              encoder_id=eid, tokenizer_id=tok.identity)
     model = Captioner(config, decoder)
@@ -290,13 +291,15 @@ def make_pipeline(root, clip_path, bridge, peft):
     return model, tok
 
 
-@pytest.mark.parametrize("bridge,peft", [("cross", "lora"), ("visual_prefix", "prefix_tuning")])
+@pytest.mark.parametrize("bridge,peft,queries", [("cross", "lora", 0), ("visual_prefix", "prefix_tuning", 0),
+                                                 ("gated_cross", "lora", 3), ("visual_prefix", "prefix_tuning", 3)])
 def test_visualize_stage_draws_every_word_for_both_bridge_kinds(tmp_path, clip_path, bridge, peft,
-                                                                monkeypatch):
+                                                                queries, monkeypatch):
+    """Learned queries too: their attention is carried onto the image's patches."""
     from stages import visualize
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
-    model, tok = make_pipeline(tmp_path, clip_path, bridge, peft)
+    model, tok = make_pipeline(tmp_path, clip_path, bridge, peft, queries)
     visualize.main([])
     out = tmp_path / "figures" / "attention"
     summary = json.loads((out / "summary.json").read_text())

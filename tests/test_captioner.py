@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from captioning.bridges import BRIDGES, BridgeConfig
+from captioning.bridges import BRIDGES, BridgeConfig, QueryFormer
 from captioning.captioner import Captioner, CaptionerConfig, build_on_meta
 from captioning.checkpoint import load_captioner, load_trainable, read_checkpoint, save_trainable
 from captioning.gpt2 import (GPT2, CheckpointError, GPT2Config, course_state_dict,
@@ -50,6 +50,10 @@ VARIANTS = {   # name -> (PEFT method, its settings)
     "adaption_prompt": ("adaption_prompt", dict(length=3)),
     "none": ("none", {}),
 }
+# bridge name -> (kind, settings): each kind on the image tokens, and on learned queries
+QUERIES = dict(queries=4, query_layers=2, query_width=8)
+BRIDGE_TABLE = {**{kind: (kind, {}) for kind in BRIDGES},
+                **{f"{kind}+queries": (kind, QUERIES) for kind in BRIDGES}}
 ZERO_INIT = ["lora", "lora_all", "adapter", "adaption_prompt"]  # promise PEFT identity at init
 NOT_ZERO_INIT = ["prefix_tuning", "prefix_mlp", "prompt_tuning"]
 
@@ -70,8 +74,10 @@ def fresh_decoder(sd):
 
 
 def config(bridge, variant, **bridge_kw):
+    """bridge: a name of BRIDGE_TABLE; bridge_kw: more of its settings."""
+    kind, settings = BRIDGE_TABLE[bridge]
     return CaptionerConfig(decoder=DECODER, visual_width=VISUAL_WIDTH, visual_tokens=VISUAL_TOKENS,
-                           bridge=BridgeConfig.of(bridge, **bridge_kw), peft=PeftConfig.of(*VARIANTS[variant][:1], **VARIANTS[variant][1]),
+                           bridge=BridgeConfig.of(kind, **settings, **bridge_kw), peft=PeftConfig.of(*VARIANTS[variant][:1], **VARIANTS[variant][1]),
                            encoder_id="test-vit", tokenizer_id="test-bpe")
 
 
@@ -107,7 +113,7 @@ def trainable_names(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-TABLE = [(b, v) for b in BRIDGES for v in VARIANTS]
+TABLE = [(b, v) for b in BRIDGE_TABLE for v in VARIANTS]
 
 
 @pytest.mark.parametrize("bridge,variant", TABLE)
@@ -181,7 +187,7 @@ def test_one_optimiser_step_changes_only_trainable(course_sd, bridge, variant):
     assert all(torch.equal(frozen_now[k], course_sd[k]) for k in course_sd)
 
 
-@pytest.mark.parametrize("bridge", BRIDGES)
+@pytest.mark.parametrize("bridge", BRIDGE_TABLE)
 @pytest.mark.parametrize("variant", ZERO_INIT)
 def test_zero_init_methods_leave_logits_unchanged(course_sd, bridge, variant):
     base = build(course_sd, bridge, "none")
@@ -196,9 +202,10 @@ def test_zero_init_methods_leave_logits_unchanged(course_sd, bridge, variant):
         assert not torch.allclose(logits_of(model, visual, ids), logits_of(base, visual, ids))
 
 
+@pytest.mark.parametrize("bridge", ["gated_cross", "gated_cross+queries"])
 @pytest.mark.parametrize("variant", ["none"] + ZERO_INIT)
-def test_gated_cross_bridge_starts_as_the_frozen_decoder(course_sd, variant):
-    model = build(course_sd, "gated_cross", variant)
+def test_gated_cross_bridge_starts_as_the_frozen_decoder(course_sd, bridge, variant):
+    model = build(course_sd, bridge, variant)
     plain = fresh_decoder(course_sd)
     visual, ids, _ = batch()
     other_visual, _, _ = batch(seed=1)
@@ -208,6 +215,42 @@ def test_gated_cross_bridge_starts_as_the_frozen_decoder(course_sd, variant):
         assert torch.equal(logits_of(model, other_visual, ids), text_only)  # the image is not seen yet
         model.decoder.h[0].cross.gate.fill_(0.5)
         assert not torch.allclose(logits_of(model, visual, ids), text_only)
+
+
+def test_gate_init_sets_every_gate(course_sd):
+    """gate_init 0 is Flamingo's zero start; another value opens every gate to tanh(gate_init)
+    from the first step, so the image changes the logits at once."""
+    model = build(course_sd, "gated_cross", "none", gate_init=1.0)
+    gates = [b.cross.gate for b in model.decoder.h]
+    assert all(torch.equal(g, torch.ones(1)) for g in gates)
+    visual, ids, _ = batch()
+    with torch.no_grad():
+        assert not torch.allclose(logits_of(model, visual, ids), fresh_decoder(course_sd)(ids), atol=1e-3)
+    with pytest.raises(TypeError):   # the ungated bridge has no gate to set
+        BridgeConfig.of("cross", gate_init=1.0)
+
+
+def test_queries_are_what_the_decoder_reads(course_sd):
+    """With N queries the decoder reads N visual tokens whatever the image's number of tokens
+    (computed once per image, in the context); without, the projected image tokens, and the
+    bridge adds no module and no parameter name."""
+    visual, _, _ = batch()
+    for kind in BRIDGES:
+        plain, queried = build(course_sd, kind, "none"), build(course_sd, f"{kind}+queries", "none")
+        assert plain.query_former is None and isinstance(queried.query_former, QueryFormer)
+        assert not any("query" in n for n, _ in plain.named_parameters())
+        assert queried.visual_proj.net[0].in_features == QUERIES["query_width"]
+        assert len(queried.query_former.blocks) == QUERIES["query_layers"]
+        with torch.no_grad():
+            ctx = queried.context(visual)
+            read = ctx.prefix_embeds if kind == "visual_prefix" else ctx.visual
+            assert read.shape == (3, QUERIES["queries"], DECODER.n_embd)
+            longer = torch.cat([visual, visual[:, :2]], dim=1)   # more image tokens, same N
+            assert queried.context(longer).n_sequences == 3
+            read = queried.context(longer)
+            assert (read.prefix_embeds if kind == "visual_prefix" else read.visual).shape[1] == 4
+    with pytest.raises(ValueError, match="query_width=96"):
+        BridgeConfig.of("cross", queries=4, query_width=96)
 
 
 @pytest.mark.parametrize("bridge,variant", [("cross", "none"), ("visual_prefix", "none")]
@@ -220,7 +263,7 @@ def test_methods_that_do_not_promise_unchanged_logits(course_sd, bridge, variant
         assert not torch.allclose(logits_of(model, visual, ids), fresh_decoder(course_sd)(ids), atol=1e-3)
 
 
-@pytest.mark.parametrize("bridge,variant", [(b, v) for b in BRIDGES for v in ("none", "prompt_tuning", "prefix_tuning")])
+@pytest.mark.parametrize("bridge,variant", [(b, v) for b in BRIDGE_TABLE for v in ("none", "prompt_tuning", "prefix_tuning")])
 def test_loss_layout_and_no_shift_by_prefixes(course_sd, bridge, variant):
     input_ids = torch.tensor([[EOT, 5, 6, 7, EOT], [EOT, 8, EOT, EOT, EOT]])
     targets = torch.tensor([[5, 6, 7, EOT, -100], [8, EOT, -100, -100, -100]])
@@ -245,7 +288,7 @@ def test_loss_layout_and_no_shift_by_prefixes(course_sd, bridge, variant):
             assert (out[:, t] - logits[:, t]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("bridge,variant", [(b, v) for b in BRIDGES for v in ("lora", "prompt_tuning", "adapter")])
+@pytest.mark.parametrize("bridge,variant", [(b, v) for b in BRIDGE_TABLE for v in ("lora", "prompt_tuning", "adapter")])
 def test_captions_sharing_an_image_equal_the_image_repeated(course_sd, bridge, variant):
     """Training batches give each image once with the image of every caption (image_index): the
     loss and every gradient are those of the batch with each caption's image tokens repeated."""
@@ -279,7 +322,8 @@ def test_captions_sharing_an_image_equal_the_image_repeated(course_sd, bridge, v
         model.loss(images, ids, targets, image_index[:, None])
 
 
-@pytest.mark.parametrize("bridge,variant", [("cross", "lora"), ("visual_prefix", "prefix_tuning"), ("gated_cross", "prompt_tuning")])
+@pytest.mark.parametrize("bridge,variant", [("cross", "lora"), ("visual_prefix", "prefix_tuning"), ("gated_cross", "prompt_tuning"),
+                                            ("visual_prefix+queries", "prefix_tuning"), ("gated_cross+queries", "lora")])
 def test_cached_decoding_equals_full_forward(course_sd, bridge, variant):
     model = perturb(build(course_sd, bridge, variant)).eval()
     visual, ids, _ = batch()
@@ -300,21 +344,23 @@ def test_cached_decoding_equals_full_forward(course_sd, bridge, variant):
         assert first.shape[1] == 4
 
 
+@pytest.mark.parametrize("bridge", ["visual_prefix", "visual_prefix+queries"])
 @pytest.mark.parametrize("variant", ["none", "prefix_tuning", "prompt_tuning"])
-def test_visual_key_span_points_at_the_image_tokens(course_sd, variant):
-    """Self-attention keys are [prefix-tuning P | image V | soft prompt | text]."""
-    model = perturb(build(course_sd, "visual_prefix", variant))
+def test_visual_key_span_points_at_the_image_tokens(course_sd, bridge, variant):
+    """Self-attention keys are [prefix-tuning P | image V (or its N queries) | soft prompt | text]."""
+    model = perturb(build(course_sd, bridge, variant))
+    n_visual = QUERIES["queries"] if model.query_former is not None else VISUAL_TOKENS
     visual, ids, _ = batch()
     with torch.no_grad():
         ctx = model.context(visual)
         _, attentions = model(ctx, ids, capture=True)
         start, end = model.visual_key_span()
-        assert end - start == VISUAL_TOKENS
+        assert end - start == n_visual
         n_prefix = 3 if variant == "prefix_tuning" else 0
         n_prompt = 3 if variant == "prompt_tuning" else 0
         assert start == n_prefix
         self_att = attentions[0][0]
-        assert self_att.shape[-1] == n_prefix + VISUAL_TOKENS + n_prompt + ids.size(1)
+        assert self_att.shape[-1] == n_prefix + n_visual + n_prompt + ids.size(1)
         # the span's keys are the image's: in layer 0, another image changes the last text
         # token's attention to exactly those keys, relative to the others (softmax renormalises)
         other = visual.clone()
@@ -375,6 +421,21 @@ def test_load_captioner_from_files(course_sd, lora_checkpoint, tmp_path):
     torch.save(other, decoder_bin)
     with pytest.raises(CheckpointError, match=r"decoder_model.bin: this decoder does not fit .*block_size: 32 != 16"):
         load_captioner(path, decoder_bin)
+
+
+@pytest.mark.parametrize("bridge", ["gated_cross+queries", "visual_prefix+queries"])
+def test_load_captioner_rebuilds_the_queries(course_sd, bridge, tmp_path):
+    """What hw3_2.sh loads: the checkpoint's config alone rebuilds the queries around the decoder."""
+    model = perturb(build(course_sd, bridge, "lora"))
+    path, decoder_bin = tmp_path / "q.safetensors", tmp_path / "decoder_model.bin"
+    save_trainable(model, path)
+    torch.save(course_sd, decoder_bin)
+    assert any(n.startswith("query_former.") for n in load_file(str(path)))
+    loaded, _ = load_captioner(path, decoder_bin)
+    assert loaded.config.bridge.settings.queries == QUERIES["queries"]
+    visual, ids, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(logits_of(loaded, visual, ids), logits_of(model.eval(), visual, ids))
 
 
 @pytest.mark.parametrize("change,field", [
@@ -547,12 +608,12 @@ GPT2_SMALL_PARAMETERS = 124_439_808  # wte 50257x768 + wpe 1024x768 + 12 blocks 
 
 def test_every_default_variant_fits_the_course_budget_at_real_size():
     rows = parameter_table()
-    assert {(r["bridge"], r["method"]) for r in rows} == {(b, m) for b in BRIDGES
-                                                        for m, _ in VARIANTS.values()}
+    assert {(r["bridge"], r["queries"], r["method"]) for r in rows} == {
+        (b, q, m) for b in BRIDGES for q in (0, 32) for m, _ in VARIANTS.values()}
     for r in rows:
         assert r["trainable"] < LIMIT, r
         assert r["frozen"] == GPT2_SMALL_PARAMETERS, r
-    by = {(r["bridge"], r["method"]): r for r in rows}
+    by = {(r["bridge"], r["method"]): r for r in rows if not r["queries"]}
     C, D, L = 768, 1024, 12
     linear = lambda i, o: i * o + o
     cross_block = 2 * C + linear(C, C) + linear(C, 2 * C) + linear(C, C)  # ln, q, kv, proj
@@ -565,13 +626,21 @@ def test_every_default_variant_fits_the_course_budget_at_real_size():
     assert by[prefix, "prefix_tuning"]["parts"]["prefix tuning"] == 10 * L * 2 * C
     assert by[prefix, "prompt_tuning"]["parts"]["prompt tuning"] == 10 * C
     assert by[prefix, "adaption_prompt"]["parts"]["adaption prompt"] == L * (10 * C + 12)
+    # the queries: 32 x 256, then 2 layers of [self-attention, cross-attention to the 1024-wide
+    # image tokens, MLP], a final norm; the projection then reads 256-wide queries
+    W = 256
+    query_layer = 2 * W + linear(W, 3 * W) + linear(W, W) + 2 * W + linear(W, W) + linear(D, 2 * W) \
+        + linear(W, W) + 2 * W + linear(W, 4 * W) + linear(4 * W, W)
+    queried = {(r["bridge"], r["method"]): r for r in rows if r["queries"]}
+    assert queried["cross", "none"]["parts"]["query former"] == 32 * W + 2 * query_layer + 2 * W
+    assert queried["cross", "none"]["parts"]["visual projection"] == linear(W, C) + 2 * C
     table = markdown(rows)
     assert table.count("\n") == len(rows) + 1 and "**NO**" not in table
 
 
 @pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))])
-@pytest.mark.parametrize("bridge,variant", [(b, v) for b in BRIDGES for v in VARIANTS])
+@pytest.mark.parametrize("bridge,variant", [(b, v) for b in BRIDGE_TABLE for v in VARIANTS])
 def test_builds_under_a_default_device(bridge, variant, device):
     with torch.device(device):
         model = Captioner(config(bridge, variant), GPT2(DECODER))

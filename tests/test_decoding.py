@@ -36,13 +36,15 @@ SETTINGS = {"lora": dict(rank=4), "adapter": dict(size=8), "prefix_tuning": dict
             "prompt_tuning": dict(length=3), "adaption_prompt": dict(length=3)}
 
 
-def tiny_model(bridge="gated_cross", peft="lora", seed=0, vocab=VOCAB, cross_layers=()):
+def tiny_model(bridge="gated_cross", peft="lora", seed=0, vocab=VOCAB, cross_layers=(), queries=0):
+    """queries: learned queries (2 layers, 16 wide) between the image tokens and the bridge."""
     torch.manual_seed(seed)
     decoder = GPT2(GPT2Config(vocab_size=vocab, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    query_settings = dict(queries=queries, query_layers=2, query_width=16)
     config = CaptionerConfig(
         decoder=decoder.config, visual_width=V_WIDTH, visual_tokens=V_TOKENS,
-        bridge=BridgeConfig.of(bridge, **({} if bridge == "visual_prefix" else
-                                           {"layers": list(cross_layers)})),
+        bridge=BridgeConfig.of(bridge, **query_settings, **({} if bridge == "visual_prefix" else
+                                                             {"layers": list(cross_layers)})),
         peft=PeftConfig.of(peft, **SETTINGS.get(peft, {})))
     model = Captioner(config, decoder)
     # Move every weight, zero-initialised ones (gates, lora_B, adapter up) included, well away
@@ -83,6 +85,25 @@ def test_cached_batched_greedy_equals_naive(bridge, peft):
     assert max(len(h.tokens) for h in cached) > 3
     # rows of the batch do not leak into each other: each image alone decodes the same
     assert generate(model, visual[2:3], GREEDY, EOT_ID)[0].tokens == cached[2].tokens
+
+
+@pytest.mark.parametrize("bridge,peft", [("cross", "lora"), ("gated_cross", "prefix_tuning"),
+                                         ("visual_prefix", "prompt_tuning"), ("visual_prefix", "lora")])
+def test_cached_decoding_with_queries_equals_naive(bridge, peft):
+    """Learned queries instead of the image tokens: the cached batched decoder gives the naive
+    one's ids (greedy and beam), and runs the queries once per image per decode."""
+    model, visual = tiny_model(bridge, peft, queries=3), images()
+    calls = []
+    model.query_former.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    for config in (GREEDY, DecodeConfig(method="beam", beam_size=3, max_new_tokens=10)):
+        calls.clear()
+        cached = generate(model, visual, config, EOT_ID)
+        assert calls == [len(visual)]
+        naive = generate(model, visual, config, EOT_ID, cached=False)
+        assert [h.tokens for h in cached] == [h.tokens for h in naive]
+        for c, n in zip(cached, naive):
+            assert c.logprob == pytest.approx(n.logprob, abs=1e-4)
+    assert len({tuple(h.tokens) for h in cached}) > 1   # the image (through the queries) matters
 
 
 @pytest.mark.parametrize("bridge,peft", [("cross", "prefix_tuning"), ("visual_prefix", "prompt_tuning"),

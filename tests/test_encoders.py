@@ -213,3 +213,59 @@ def test_config_errors():
         from_section(EncoderConfig, {"kind": "timm", "name": "x", "weight": "typo.pth"}, "encoder config")
     with pytest.raises(EncoderError, match="timm options"):
         EncoderConfig(kind="clip", name="ViT-B/32", weights="w.pth")
+
+
+def test_penultimate_layer_and_no_class_token_as_llava(tiny_timm, clip_file, tmp_path):
+    """layer "penultimate": the second-to-last block's output, no final norm (the same model with
+    its last block and final norm removed gives it); class_token False: the patches alone. Both
+    change the encoder id, the defaults leave it as it was."""
+    import copy
+    import dataclasses
+    _, d = tiny_timm
+    _, path = clip_file
+    x = torch.randn(2, 3, 32, 32)
+    for cfg in (timm_cfg(d / "vit.pth"), EncoderConfig(kind="clip", name=str(path))):
+        full = build_encoder(cfg)
+        pen = build_encoder(dataclasses.replace(cfg, layer="penultimate"))
+        patches = build_encoder(dataclasses.replace(cfg, class_token=False))
+        both = build_encoder(dataclasses.replace(cfg, layer="penultimate", class_token=False))
+        cut = copy.deepcopy(full)
+        if cfg.kind == "timm":
+            cut.model.blocks[-1], cut.model.norm = torch.nn.Identity(), torch.nn.Identity()
+        else:
+            cut.visual.transformer.resblocks[-1] = torch.nn.Identity()
+            cut.visual.ln_post = torch.nn.Identity()
+        with torch.no_grad():
+            tokens, penultimate = full(x), pen(x)
+            torch.testing.assert_close(penultimate, cut(x), rtol=0, atol=1e-6)
+            assert not torch.allclose(penultimate, tokens, atol=1e-3)
+            assert torch.equal(patches(x), tokens[:, 1:]) and torch.equal(both(x), penultimate[:, 1:])
+        assert (patches.num_tokens, patches.num_prefix_tokens, patches.grid) == (full.num_tokens - 1, 0, full.grid)
+        ids = {encoder_id(c) for c in (cfg, dataclasses.replace(cfg, layer="penultimate"),
+                                       dataclasses.replace(cfg, class_token=False))}
+        assert len(ids) == 3 and "layer" not in encoder_id(cfg) and "class_token" not in encoder_id(cfg)
+    # the same weights through timm's CLIP ViT and the clip package's agree on the penultimate too
+    tenc = build_encoder(EncoderConfig(
+        kind="timm", name="vit_base_patch32_clip_quickgelu_224", weights=str(path), image_size=32,
+        model_kwargs=dict(patch_size=8, embed_dim=64, depth=2, num_heads=1), layer="penultimate"))
+    with torch.no_grad():
+        torch.testing.assert_close(tenc(x), pen(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(EncoderError, match="layer must be 'last' or 'penultimate'"):
+        EncoderConfig(kind="clip", name="ViT-B/32", layer="first")
+
+
+def test_a_resnet_clip_drops_its_pooled_token_but_has_no_penultimate_layer(tmp_path):
+    """The demo CLIP is a ModifiedResNet: class_token False keeps its dense tokens alone; it has no
+    stack of blocks to take a penultimate layer of."""
+    torch.manual_seed(2)
+    model = CLIP(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,
+                 vision_patch_size=None, context_length=16, vocab_size=100, transformer_width=64,
+                 transformer_heads=1, transformer_layers=1).eval()
+    torch.save(model.state_dict(), tmp_path / "rn.pt")
+    full = build_encoder(EncoderConfig(kind="clip", name=str(tmp_path / "rn.pt")))
+    dense = build_encoder(EncoderConfig(kind="clip", name=str(tmp_path / "rn.pt"), class_token=False))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(dense(x), full(x)[:, 1:]) and dense.num_tokens == 4
+    with pytest.raises(EncoderError, match="penultimate' needs a ViT"):
+        build_encoder(EncoderConfig(kind="clip", name=str(tmp_path / "rn.pt"), layer="penultimate"))

@@ -81,3 +81,23 @@ def test_sweeps_queue_one_named_experiment_per_point():
         "+variants.x={bridge:cross,peft:lora}"
     names = [c[c.index("-n") + 1] for s in SWEEPS for c in queue_commands(s)]
     assert len(names) == len(set(names)) and all(".." not in n and " " not in n for n in names)
+
+
+def test_the_queries_ablation_and_the_gate_sweep_set_real_params():
+    """The 2 x 2 ablation: the baseline's lora (gated cross) and visual_prefix variants on image
+    tokens, the `queries` experiment's on learned queries; every key a params.yaml one."""
+    from common.params import load_params
+    from tests.test_dvc_yaml import REPO
+    assert queue_commands("queries") == [
+        ["dvc", "exp", "run", "--queue", "-n", "queries-q32",
+         "-S", "bridge.gated_cross.queries=32", "-S", "bridge.visual_prefix.queries=32"]]
+    assert variants_reached(list(points("queries")["q32"]), VARIANTS) == sorted(VARIANTS)
+    assert [c[5] for c in queue_commands("gate_init")] == ["gate_init-0.5", "gate_init-1.0"]
+    params = load_params(REPO / "params.yaml")
+    for sweep in ("queries", "gate_init"):
+        for settings in points(sweep).values():
+            for key in settings:
+                section = params
+                for part in key.split(".")[:-1]:
+                    section = section[part]
+                assert key.split(".")[-1] in section, key

@@ -60,9 +60,10 @@ def test_attention_without_sdpa_gives_the_same_outputs(monkeypatch):
     from captioning import gpt2
     from captioning.decoding import DecodeConfig, generate
     from tests.test_decoding import EOT_ID, images, tiny_model
-    for bridge, peft in (("gated_cross", "lora"), ("visual_prefix", "adaption_prompt"),
-                         ("cross", "prefix_tuning")):
-        model, visual = tiny_model(bridge, peft), images(3)
+    for bridge, peft, queries in (("gated_cross", "lora", 0), ("visual_prefix", "adaption_prompt", 0),
+                                  ("cross", "prefix_tuning", 0), ("gated_cross", "lora", 3),
+                                  ("visual_prefix", "none", 3)):
+        model, visual = tiny_model(bridge, peft, queries=queries), images(3)
         ids = torch.randint(0, EOT_ID, (3, 7), generator=torch.Generator().manual_seed(0))
         config = DecodeConfig(method="beam", beam_size=3, max_new_tokens=8)
         runs = []

@@ -2,6 +2,7 @@
 checkpoints, the best epoch is what the checkpoint holds, an epoch gives every caption once, a
 batch reads each image once, and bad settings are refused by name. (The speed tricks around a
 step: tests/test_speed.py.)"""
+import math
 import random
 
 import pytest
@@ -212,3 +213,46 @@ def test_a_device_is_checked_where_it_is_named():
     else:
         with pytest.raises(ValueError, match="CUDA device"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_a_gated_bridge_logs_each_blocks_gate_every_epoch(course_sd, tmp_path):
+    """tanh(gate) of every gated block, every epoch, in the row and in dvclive's curves
+    (gates/block<i>.tsv, under the plots folder dvc.yaml declares); other bridges have none."""
+    from stages.train import LiveLog
+    model = build(course_sd, "gated_cross", "lora", gate_init=0.5)
+    config = TrainConfig(epochs=2, batch_size=4, lr=0.01, warmup_steps=1, val_images=2, val_batch_size=4)
+    history, _ = train(model, pairs(8, 0), pairs(2, 1), WordTokenizer(), config,
+                       tmp_path / "ckpt.safetensors", torch.device("cpu"), log=LiveLog(tmp_path / "live"))
+    assert [sorted(r["gates"]) for r in history] == [[0, 1], [0, 1]]
+    assert all(r["gates"][b] != pytest.approx(math.tanh(0.5), abs=1e-6) for r in history for b in (0, 1))
+    for block in (0, 1):
+        lines = (tmp_path / "live" / "plots" / "metrics" / "gates" / f"block{block}.tsv").read_text().split()
+        assert lines[:2] == ["step", f"block{block}"]
+        assert [float(v) for v in lines[3::2]] == pytest.approx([r["gates"][block] for r in history])
+    history, _ = train(build(course_sd, "cross", "lora"), pairs(8, 0), pairs(2, 1), WordTokenizer(),
+                       config, tmp_path / "ckpt.safetensors", torch.device("cpu"), log=QUIET)
+    assert not any("gates" in r for r in history)
+
+
+@pytest.mark.parametrize("bridge,peft", [("gated_cross", "lora"), ("visual_prefix", "adapter")])
+def test_bridge_only_epochs_hold_the_peft_parameters(course_sd, tmp_path, bridge, peft):
+    """train.bridge_only_epochs: 1 steps the bridge alone in epoch 1 (the PEFT parameters as
+    initialised, not even decayed), then bridge and PEFT in epoch 2."""
+    model = build(course_sd, bridge, peft)
+    peft_names = set(model.peft_parameters())
+    assert peft_names and peft_names < set(model.trainable_state_dict())
+    start = {n: t.clone() for n, t in model.trainable_state_dict().items()}
+    seen = []
+
+    class Snapshots(Quiet):
+        def epoch(self, row):
+            seen.append({n: t.clone() for n, t in model.trainable_state_dict().items()})
+    config = TrainConfig(epochs=2, batch_size=4, lr=0.01, warmup_steps=1, val_images=2,
+                         val_batch_size=4, weight_decay=0.1, bridge_only_epochs=1)
+    train(model, pairs(8, 0), pairs(2, 1), WordTokenizer(), config, tmp_path / "ckpt.safetensors",
+          torch.device("cpu"), log=Snapshots())
+    changed = lambda before, after: {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed(start, seen[0]) == set(start) - peft_names   # epoch 1: the bridge alone
+    assert peft_names <= changed(seen[0], seen[1])               # epoch 2: PEFT too
+    with pytest.raises(ValueError, match="bridge_only_epochs=2: must be at least 0 and below"):
+        TrainConfig(epochs=2, bridge_only_epochs=2)

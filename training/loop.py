@@ -30,7 +30,8 @@ LOG_EVERY = 20  # steps between two reads of the running loss (each read waits f
 
 class TrainingLog:
     """What train() reports: every LOG_EVERY steps the mean train loss of those steps and the
-    learning rate (`step`); every epoch its row (`epoch`). This one prints the epochs; the train
+    learning rate (`step`); every epoch its row (`epoch`; with a gated bridge, "gates": {decoder
+    block: tanh(gate)}). This one prints the epochs; the train
     stage's also logs both with dvclive."""
 
     def step(self, step, values):
@@ -62,6 +63,9 @@ class TrainConfig:
     # Processes on this machine (train stage): above 1, the stage re-runs itself under `torchrun
     # --standalone --nproc-per-node N` (one per GPU, or per CPU core): the same optimisation
     nproc_per_node: int = 1
+    # The first N epochs step the bridge alone (the PEFT parameters stay as initialised), then
+    # bridge and PEFT together: LLaVA's two stages (feature alignment, then tuning). 0 = one stage
+    bridge_only_epochs: int = 0
 
     def __post_init__(self):
         for name, least in (("epochs", 1), ("batch_size", 1), ("val_batch_size", 1),
@@ -70,6 +74,9 @@ class TrainConfig:
                             ("val_images", 0), ("grad_clip", 0), ("lr", 0), ("warmup_steps", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"train.{name}={getattr(self, name)!r}: must be at least {least}")
+        if not 0 <= self.bridge_only_epochs < self.epochs:
+            raise ValueError(f"train.bridge_only_epochs={self.bridge_only_epochs}: must be at least "
+                             f"0 and below train.epochs={self.epochs}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"train.precision={self.precision!r}: must be 'auto', 'fp32' or 'bf16'")
 
@@ -164,11 +171,13 @@ def make_optimizer(model, config, fused=None):
 
 
 def train_step(model, optimizer, params, batch, tokenizer, config, device, lr, fast, loss=None,
-               weight=None):
+               weight=None, held=()):
     """One optimiser step on a batch of (image row, caption ids) pairs, inside `fast` (the run's
     TrainingSpeedups); returns the loss tensor. Under torchrun: `loss` the DistributedDataParallel
     loss (`data_parallel_loss`), `batch` this rank's share, its loss weighted by `weight` for the
-    backward (the share's fraction of the global batch's target tokens)."""
+    backward (the share's fraction of the global batch's target tokens). `held`: parameters this
+    step leaves alone (their gradients dropped: AdamW skips them, weight decay included, and the
+    clipping norm leaves them out)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     # Gradients dropped before the forward: their memory is free for it, and with CUDA graphs none
@@ -179,6 +188,8 @@ def train_step(model, optimizer, params, batch, tokenizer, config, device, lr, f
                       fast.loss if loss is None else loss, fast.width_multiple)
     (loss if weight is None else loss * weight).backward()
     fast.grads_to_masters()
+    for p in held:
+        p.grad = None
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
     optimizer.step()
@@ -273,6 +284,7 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
     # the parameters the optimiser updates (inside the speedups the model may hold working copies)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer, params = make_optimizer(model, config)
+    peft = list(model.peft_parameters().values())   # held while the bridge trains alone
     with speedups(model, train_pairs.tokens, config, device) as fast:
         parallel = None if ranks is None else data_parallel_loss(model, fast, ranks)
         for epoch in range(1, config.epochs + 1):
@@ -290,7 +302,8 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
                 # when read
                 share, weight, own, n = rank_share(batch, ranks, config.max_caption_tokens)
                 loss = train_step(model, optimizer, params, share, tokenizer, config, device, lr,
-                                  fast, parallel, weight)
+                                  fast, parallel, weight,
+                                  peft if epoch <= config.bridge_only_epochs else ())
                 weighted = loss.detach().double() * own
                 epoch_sum += weighted
                 recent_sum += weighted
@@ -311,6 +324,8 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
             val_loss, val_cider, _ = evaluate(model, val_pairs, tokenizer, config, device, subset)
             row = dict(epoch=epoch, step=done, train_loss=epoch_sum.item() / epoch_count,
                        val_loss=val_loss, val_cider=val_cider)
+            if model.gates():   # a gated bridge: how far each block's gate has opened
+                row["gates"] = model.gates()
             history.append(row)
             log.epoch(row)
             if best is None or val_cider > best["val_cider"]:
