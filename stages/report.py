@@ -3,7 +3,7 @@
 Built from metrics/, live/, logs/, figures/, release/ and params.yaml only (reporting/report.py
 says which files are required and which sections are optional). The folder is replaced whole,
 atomically. Also writes, for DVC's plots (dvc.yaml), every variant's curves in one table per kind
-(plots/variants/train.json, val.json) and the report's two summary figures (plots/report/), so
+(plots/variants/train.json, val.json) and the report's summary figures (plots/report/), so
 that `dvc plots diff` compares runs by their curves and pictures.
 """
 import argparse
@@ -28,8 +28,9 @@ def main(argv=None):
     with atomic_dir(Path(args.out)) as tmp:
         variants = build_report(Path("."), params, config, tmp)
         with atomic_dir(PLOTS / "report") as figures:
-            for name in ("training_curves.png", "variant_scores.png"):
-                shutil.copyfile(tmp / "figures" / name, figures / name)
+            for name in ("training_curves.png", "variant_scores.png", "gates.png"):
+                if (tmp / "figures" / name).is_file():   # gates.png: only with a gated bridge
+                    shutil.copyfile(tmp / "figures" / name, figures / name)
     for kind, rows in variant_curves(variants).items():
         write_json(PLOTS / "variants" / f"{kind}.json", rows)
     print(f"wrote {Path(args.out) / 'README.md'}")

@@ -409,7 +409,8 @@ def test_report_renders_every_section_from_the_pipeline_outputs(tmp_path, monkey
     train_rows = json.loads((tmp_path / "plots" / "variants" / "train.json").read_text())
     assert train_rows[-1] == {"step": 40, "variant": "prefix_bridge", "train_loss": 1.0, "lr": 0.01}
     assert sorted(p.name for p in (tmp_path / "plots" / "report").iterdir()) == [
-        "training_curves.png", "variant_scores.png"]
+        "training_curves.png", "variant_scores.png"]   # no gated variant here: no gates.png
+    assert "### Gates" not in page
     # new numbers replace the old ones: nothing stale survives a re-run
     fabricate_outputs_again = json.loads((tmp_path / "metrics" / "lora.json").read_text())
     fabricate_outputs_again["cider"] = 0.9321
@@ -417,6 +418,25 @@ def test_report_renders_every_section_from_the_pipeline_outputs(tmp_path, monkey
     report.main([])
     page = (tmp_path / "report" / "README.md").read_text()
     assert "0.932" in page and "0.812" not in page
+
+
+def test_report_plots_the_gates_of_a_gated_variant(tmp_path, monkeypatch):
+    from reporting.report import read_gates
+    from stages import report
+    monkeypatch.chdir(tmp_path)
+    fabricate_outputs(tmp_path)
+    gates = tmp_path / "live" / "train" / "lora" / "plots" / "metrics" / "gates"
+    gates.mkdir()
+    for block in (0, 1, 10):   # numeric block order, not the files' (0, 1, 10, 2 ...)
+        (gates / f"block{block}.tsv").write_text(
+            f"step\tblock{block}\n" + "".join(f"{10 * e}\t{0.01 * e * block}\n" for e in range(1, 5)))
+    assert list(read_gates(gates)) == [0, 1, 10] and read_gates(gates)[10][-1] == (40, 0.4)
+    report.main([])
+    page = (tmp_path / "report" / "README.md").read_text()
+    assert "### Gates" in page and "](figures/gates.png)" in page
+    assert (tmp_path / "report" / "figures" / "gates.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "plots" / "report").iterdir()) == [
+        "gates.png", "training_curves.png", "variant_scores.png"]
 
 
 def test_report_names_a_missing_metrics_file(tmp_path, monkeypatch):

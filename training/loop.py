@@ -324,8 +324,9 @@ def train(model, train_pairs, val_pairs, tokenizer, config, checkpoint_path, dev
             val_loss, val_cider, _ = evaluate(model, val_pairs, tokenizer, config, device, subset)
             row = dict(epoch=epoch, step=done, train_loss=epoch_sum.item() / epoch_count,
                        val_loss=val_loss, val_cider=val_cider)
-            if model.gates():   # a gated bridge: how far each block's gate has opened
-                row["gates"] = model.gates()
+            gates = model.gates()   # a gated bridge: how far each block's gate has opened
+            if gates:
+                row["gates"] = gates
             history.append(row)
             log.epoch(row)
             if best is None or val_cider > best["val_cider"]:
