@@ -360,19 +360,20 @@ def sweeps_section(root, out_dir):
     lines = ["## Sweeps: runs compared", "",
              "Experiments queued by `python -m scripts.sweep NAME --run` and compared with "
              "`python -m scripts.compare`, each next to the baseline commit; a sweep's rows are the "
-             "variants its params reach (train seconds and caption length from the experiment's "
-             "own outputs; – where that experiment ran elsewhere).", ""]
+             "variants its params reach (train seconds, val decoding speed and caption length from "
+             "the experiment's own outputs; – where that experiment ran elsewhere).", ""]
     for path in files:
         rows = read_json(path)
         sweep = path.stem
         lines += [f"### `{sweep}`", "", table(
             ["experiment", "changed params", "variant", "CIDEr", "CLIPScore", "blind CIDEr",
-             "trainable params", "train time", "words per caption"],
+             "trainable params", "train time", "decode captions/s", "words per caption"],
             [[r.get("experiment"), ", ".join(f"`{k}={v}`" for k, v in r.get("changes", {}).items())
               or "–", f"`{r.get('variant')}`", fmt(r.get("cider")), fmt(r.get("clipscore")),
               fmt(r.get("cider_blind")), fmt(r.get("trainable_params")),
               "–" if r.get("train_seconds") is None else f"{r['train_seconds'] / 60:.1f} min",
-              fmt(r.get("caption_words"), 1)] for r in rows]), ""]
+              fmt(r.get("decode_captions_per_second"), 1), fmt(r.get("caption_words"), 1)]
+             for r in rows]), ""]
         figure = path.with_suffix(".png")
         if figure.is_file():
             lines += [f"![{sweep}]({_copy(figure, out_dir, f'figures/sweeps/{sweep}.png')})", ""]

@@ -4,8 +4,8 @@
     python -m scripts.compare            # then `dvc repro report`
     python -m scripts.compare lora_rank  # one sweep
 
-Besides the scores each row gives the variant's training seconds and the mean length of its val
-captions in words, read from the experiment's own outputs (`dvc.api`, the local cache).
+Besides the scores each row gives the variant's training seconds, its val decoding speed
+(captions/s) and the mean length of its val captions in words, read from the experiment's own outputs (`dvc.api`, the local cache).
 """
 import argparse
 import json
@@ -17,14 +17,16 @@ from scripts.sweep import SWEEPS
 
 
 def outputs_of(run, variant):
-    """Training seconds and mean caption length of `variant` in the experiment `run`."""
+    """Training seconds, val decoding captions/s and mean caption length of `variant` in the
+    experiment `run`."""
     import dvc.api
-    extra = {"train_seconds": None, "caption_words": None}
-    try:
-        log = json.loads(dvc.api.read(f"logs/train/{variant}.json", rev=run["rev"]))
-        extra["train_seconds"] = log.get("train_seconds")
-    except Exception:   # trained at another commit, or not in this cache: the column stays empty
-        pass
+    extra = {"train_seconds": None, "decode_captions_per_second": None, "caption_words": None}
+    for key, path, field in (("train_seconds", "logs/train", "train_seconds"),
+                             ("decode_captions_per_second", "logs/decode", "val_captions_per_second")):
+        try:
+            extra[key] = json.loads(dvc.api.read(f"{path}/{variant}.json", rev=run["rev"])).get(field)
+        except Exception:   # made at another commit, or not in this cache: the column stays empty
+            pass
     try:
         captions = json.loads(dvc.api.read(f"predictions/{variant}/val.json", rev=run["rev"]))
         extra["caption_words"] = round(sum(len(c.split()) for c in captions.values())

@@ -2,7 +2,9 @@
 
 Writes predictions/<variant>/val.json and p3.json ({name: caption}), and val_blind.json: the same
 model decoding the val set with the images shuffled across it (a fixed permutation), the blind
-baseline that tells how much of the score the image is responsible for. Once the checkpoint,
+baseline that tells how much of the score the image is responsible for; and
+logs/decode/<variant>.json, the wall-clock seconds of the val decoding and its captions per second
+(apart from the metrics, so that re-runs do not show as changes). Once the checkpoint,
 settings and feature files have been checked, it deletes those three, so that a run stopped
 half-way does not leave one run's val.json beside another's p3.json.
 
@@ -14,6 +16,7 @@ across batches: with decode.method sample rank 0 decodes everything, as one proc
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -95,12 +98,19 @@ def run(args, world, config, ranks=None):
                   "batches: rank 0 decodes every image (the same captions as one process)",
                   file=sys.stderr)
     out = Path("predictions") / args.variant
+    log = Path("logs") / "decode" / f"{args.variant}.json"
     if main:
-        remove_outputs(*(out / f"{name}.json" for name in ("val", "p3", "val_blind")))
+        remove_outputs(*(out / f"{name}.json" for name in ("val", "p3", "val_blind")), log)
     for split, f in features.items():
+        start = time.perf_counter()
         captions = caption_split(model, tokenizer, f, config, device, ranks=ranks)
         if main:
             write_json(out / f"{split}.json", captions)
+            if split == "val":
+                seconds = time.perf_counter() - start
+                timing = {"val_seconds": round(seconds, 3), "val_images": len(captions),
+                          "val_captions_per_second": round(len(captions) / seconds, 1),
+                          "device": device, "processes": 1 if ranks is None else ranks.world_size}
     # A random cycle through the val set: no image is ever paired with its own tokens.
     cycle = torch.randperm(n_val, generator=torch.Generator().manual_seed(0)).tolist()
     permutation = [0] * n_val
@@ -109,6 +119,7 @@ def run(args, world, config, ranks=None):
     blind = caption_split(model, tokenizer, features["val"], config, device, permutation, ranks)
     if main:
         write_json(out / "val_blind.json", blind)
+        write_json(log, timing)
 
 
 if __name__ == "__main__":

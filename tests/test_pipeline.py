@@ -48,6 +48,9 @@ def test_stages_write_their_outputs(ran):
         assert {"cider", "clipscore", "bleu4", "rougeL", "cider_blind"} <= metrics.keys()
         val = json.loads((ran / "predictions" / variant / "val.json").read_text())
         assert len(val) == 8 and all(isinstance(c, str) for c in val.values())
+        timing = json.loads((ran / "logs/decode" / f"{variant}.json").read_text())
+        assert timing["val_images"] == 8 and timing["processes"] == 1 and timing["device"] == "cpu"
+        assert timing["val_captions_per_second"] == pytest.approx(8 / timing["val_seconds"], rel=0.1)
         assert sorted(json.loads((ran / "predictions" / variant / "p3.json").read_text())) == \
             ["bike", "girl", "sheep", "ski", "umbrella"]
     selected = json.loads((ran / "release/selected.json").read_text())
