@@ -8,12 +8,14 @@
 Each point of a sweep is one experiment named `<sweep>-<point>` on top of the current commit;
 DVC re-runs only the stages its params reach (a decoding sweep re-runs decode and score, never
 training). `dvc exp show`, `dvc exp show --csv`, `dvc metrics diff` and `dvc plots diff` compare
-them; `dvc exp apply <name>` brings one into the workspace. On 2 CPU cores run one at a time
-(-j 1): two trainings at once take more than twice as long.
+them; `dvc exp apply <name>` brings one into the workspace. With `--run -j N` each worker gets
+its share of the CPU cores as torch's thread count (OMP_NUM_THREADS, unless set): N workers with
+a thread per core each would contend for the cores and run slower than one at a time.
 """
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 
@@ -93,6 +95,14 @@ def wait_for_queue(names, poll=10):
         time.sleep(poll)
 
 
+def worker_environment(jobs, environ=None):
+    """The environment of `dvc queue start -j jobs`: each worker's torch threads its share of the
+    cores (OMP_NUM_THREADS), unless the caller set it."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    return env
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweeps", nargs="*", metavar="SWEEP", help=f"one or more of: {', '.join(SWEEPS)}")
@@ -115,7 +125,9 @@ def main(argv=None):
             dvc(*command[1:])
             names.append(command[command.index("-n") + 1])
     if args.run:
-        dvc("queue", "start", "-j", str(args.jobs))
+        env = worker_environment(args.jobs)
+        print(f"+ OMP_NUM_THREADS={env['OMP_NUM_THREADS']} dvc queue start -j {args.jobs}", flush=True)
+        dvc("queue", "start", "-j", str(args.jobs), env=env)
         failed = wait_for_queue(names)
         if failed:
             print(f"failed experiments: {failed} (`dvc queue logs NAME` tells why)", file=sys.stderr)

@@ -10,7 +10,7 @@ original bytes); 3 some image files were unreadable (one stderr line each), the 
 others; 1 fatal (missing or empty folder, no readable image, an output path that cannot be
 written, is a device, or is an input: an image, id2label.json, params.yaml, the CLIP file or
 clip.load's cache file of a CLIP name; bad id2label.json, bad params or checkpoint): nothing
-written; 2 usage error.
+written; 2 usage error; 130 interrupted (Ctrl-C): nothing written.
 """
 import argparse
 import sys
@@ -20,6 +20,7 @@ from common.params import int_at_least, load_params
 from common.errors import InputError, ParamsError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130   # Ctrl-C, as a shell reports SIGINT
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -67,7 +68,7 @@ def run(img_dir, id2label_path, out_csv, cfg, batch_size=None, num_workers=None,
     return EXIT_SKIPPED if emb.skipped else EXIT_OK
 
 
-def main(argv=None):
+def parse_and_run(argv=None):
     ap = argparse.ArgumentParser(prog="hw3_1.sh", description=__doc__.split("\n")[0])
     ap.add_argument("img_dir")
     ap.add_argument("id2label")
@@ -90,6 +91,14 @@ def main(argv=None):
     except (InputError, ValueError, OSError) as e:
         print(f"hw3_1: error: {one_line(e)}", file=sys.stderr)
         return EXIT_FATAL
+
+
+def main(argv=None):
+    try:
+        return parse_and_run(argv)
+    except KeyboardInterrupt:   # outputs are written whole at the end: none was
+        print("hw3_1: interrupted: nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ not valid UTF-8 (which no JSON key can hold; one stderr line each), the JSON hol
 others; 1 fatal (missing or empty folder, no readable image, two images of one name such as a.jpg
 and a.png, an output path that cannot be written, is a device, or is an input: an image, the
 decoder, a released file, the image encoder's weights or their download cache; a decoder or
-checkpoint that does not fit): nothing written; 2 usage error.
+checkpoint that does not fit): nothing written; 2 usage error; 130 interrupted (Ctrl-C): nothing
+written.
 """
 import argparse
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from common.params import int_at_least
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130   # Ctrl-C, as a shell reports SIGINT
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -65,7 +67,7 @@ def run(img_dir, out_json, decoder_bin, release, batch_size=None, device=None, w
     return EXIT_SKIPPED if skipped else EXIT_OK
 
 
-def main(argv=None):
+def parse_and_run(argv=None):
     ap = argparse.ArgumentParser(prog="hw3_2.sh", description=__doc__.split("\n")[0])
     ap.add_argument("img_dir")
     ap.add_argument("out_json")
@@ -86,6 +88,14 @@ def main(argv=None):
     except (InputError, ValueError, OSError) as e:
         print(f"hw3_2: error: {one_line(e)}", file=sys.stderr)
         return EXIT_FATAL
+
+
+def main(argv=None):
+    try:
+        return parse_and_run(argv)
+    except KeyboardInterrupt:   # outputs are written whole at the end: none was
+        print("hw3_2: interrupted: nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

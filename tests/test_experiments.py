@@ -3,7 +3,7 @@ the form DVC 3.67 writes."""
 import json
 
 from reporting.experiments import runs, sweep_rows, variants_reached, write_comparisons
-from scripts.sweep import SWEEPS, override, points, queue_commands
+from scripts.sweep import SWEEPS, override, points, queue_commands, worker_environment
 
 VARIANTS = {"lora": {"bridge": "gated_cross", "peft": "lora"},
             "adapter": {"bridge": "gated_cross", "peft": "adapter"},
@@ -81,6 +81,13 @@ def test_sweeps_queue_one_named_experiment_per_point():
         "+variants.x={bridge:cross,peft:lora}"
     names = [c[c.index("-n") + 1] for s in SWEEPS for c in queue_commands(s)]
     assert len(names) == len(set(names)) and all(".." not in n and " " not in n for n in names)
+
+
+def test_queue_workers_share_the_cores_unless_told_otherwise(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert worker_environment(2, {})["OMP_NUM_THREADS"] == "4"
+    assert worker_environment(16, {"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
+    assert worker_environment(2, {"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
 
 
 def test_the_queries_ablation_and_the_gate_sweep_set_real_params():

@@ -258,6 +258,24 @@ def test_truncated_file_is_refused(tmp_path):
     assert str(path) in str(e.value)
 
 
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
+    import os
+    import signal
+    fifo = tmp_path / "decoder_model.bin"
+    os.mkfifo(fifo)
+
+    def blocked(*_):
+        raise TimeoutError("reading the pipe blocked")
+    previous = signal.signal(signal.SIGALRM, blocked)   # fail the test, never hang the suite
+    signal.alarm(20)
+    try:
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            read_state_dict(fifo)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_missing_file_and_non_state_dict_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         read_state_dict(tmp_path / "nope.bin")

@@ -224,6 +224,25 @@ def test_hw3_2_leaves_out_a_name_that_is_not_utf8_and_writes_the_others(world, t
     assert "valid UTF-8" in capfd.readouterr().err and not (tmp_path / "none.json").exists()
 
 
+def test_ctrl_c_is_one_line_and_exit_130_with_the_previous_output_intact(world, tmp_path, capfd,
+                                                                        monkeypatch):
+    import inference.caption_folder
+    from stages import hw3_1 as script_1
+    out = tmp_path / "pred.json"
+    out.write_text('{"previous": "run"}')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(inference.caption_folder, "caption_folder", interrupted)   # mid-captioning
+    assert hw3_2(world, world / "images", out) == 130
+    monkeypatch.setattr(script_1, "run", interrupted)
+    assert hw3_1(world, world / "images", tmp_path / "pred.csv") == 130
+    err = capfd.readouterr().err
+    assert err.splitlines()[-2:] == ["hw3_2: interrupted: nothing written",
+                                     "hw3_1: interrupted: nothing written"], err
+    assert out.read_text() == '{"previous": "run"}' and sorted(os.listdir(tmp_path)) == ["pred.json"]
+
+
 def test_image_names_refuse_a_name_that_is_not_utf8(tmp_path):
     """The feature file (HDF5 utf-8 strings) cannot hold it either: extract stops at once,
     naming the file, instead of failing at the end of the encoding."""
