@@ -2,8 +2,8 @@
 
 `render_scene(cfg, rng, n_objects)` draws one scene and returns the image together with what was
 drawn (`Scene`: objects with shape, colour, size word, centre, size), so captions and tests can be
-checked against the drawing. `write_hw3_data(root, cfg)` writes the course's `hw3_data` layout
-(DESIGN.md): p1 single-object PNGs named `{class_id}_{image_id}.png` with `id2label.json`, p2 JPEG
+checked against the drawing. `write_hw3_data(root, cfg)` writes the course's `hw3_data` layout:
+p1 single-object PNGs named `{class_id}_{image_id}.png` with `id2label.json`, p2 JPEG
 scenes with COCO-style `train.json` / `val.json`, and five p3 images under the course's names.
 
 Every image is drawn from its own random stream, seeded by (seed, split, index), so the files are

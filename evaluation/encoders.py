@@ -14,7 +14,7 @@ before any norm; ViTs only) instead of "last", and `class_token` False (the pref
 dropped: num_prefix_tokens 0). Both are part of `encoder_id` when not the default.
 
 `EncoderConfig.precision` ("fp32", "fp16", "bf16") runs the forward under autocast to that dtype
-(fp16 on a GPU: ViT-L/14 extraction ~3.7x faster, docs/performance.md); the tokens come back fp32.
+(fp16 on a GPU is much faster: docs/performance.md); the tokens come back fp32.
 It is part of `encoder_id`, so features and checkpoints of different precisions never mix.
 
 Two kinds:

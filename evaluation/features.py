@@ -12,9 +12,9 @@ Files are byte-identical when re-made from the same images and weights (same mac
 libver, no timestamps (track_times=False), no attribute that varies between runs. They are
 written to a temp file beside the target and renamed only when complete (common/atomic.py).
 
-Reading: one h5py fancy-index read of k rows is much slower than k single-row reads (DESIGN.md:
-~20x for 64 rows; 30-60x measured here), so `FeatureFile.read_rows` reads row by row into one
-preallocated array, each row's chunk copied raw (`read_direct_chunk`) since it is uncompressed.
+Reading: one h5py fancy-index read of k rows is much slower than k single-row reads, so
+`FeatureFile.read_rows` reads row by row into one preallocated array, each row's chunk copied
+raw (`read_direct_chunk`) since it is uncompressed.
 """
 import os
 from pathlib import Path
@@ -277,7 +277,7 @@ class FeatureFile:
         ds = self._tokens()
         if self._raw_chunks:
             # One uncompressed chunk per row holds exactly the row's bytes: copy them straight in,
-            # bypassing h5py's selection machinery (2-5x faster than read_direct, measured).
+            # bypassing h5py's selection machinery (faster than read_direct).
             flat = out.reshape(len(idx), -1).view(np.uint8)
             for j, i in enumerate(idx):
                 ds.id.read_direct_chunk((i, 0, 0), out=flat[j])

@@ -8,7 +8,7 @@ differently; bench/ measures what each pays, on the device it is meant for (docs
 - features_on_device: the whole image-token table on the GPU when it fits, so a step gathers its
   rows there instead of on the host plus a copy.
 - numpy_gather: a table on the CPU gathered with numpy's take (torch's index kernel on fp16 rows
-  of 257 x 1024 was ~36x slower, bench/loader.py).
+  of 257 x 1024 is far slower: bench/loader.py).
 - compile: the loss compiled by torch.compile; the CUDA-graph modes pad caption widths to a
   multiple of COMPILE_WIDTH_STEP, so that a handful of shapes are recorded.
 """

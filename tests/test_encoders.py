@@ -62,7 +62,7 @@ def test_timm_reload_gives_identical_tokens(tiny_timm, fname):
     assert enc.num_tokens == 1 + 2 * 2 == tokens.shape[1]
     assert tokens.shape == (3, enc.num_tokens, enc.width) and enc.width == 192
     assert torch.equal(tokens, ref)
-    # timm's own local-file path (what DESIGN.md names) loads the same weights
+    # timm's own local-file path (pretrained_cfg_overlay file=) loads the same weights
     t2 = timm.create_model(TIMM_NAME, pretrained=True, num_classes=0, **TIMM_KW,
                            pretrained_cfg_overlay=dict(file=str(d / fname), custom_load=False)).eval()
     with torch.no_grad():
