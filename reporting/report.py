@@ -361,7 +361,10 @@ def sweeps_section(root, out_dir):
              "Experiments queued by `python -m scripts.sweep NAME --run` and compared with "
              "`python -m scripts.compare`, each next to the baseline commit; a sweep's rows are the "
              "variants its params reach (train seconds, val decoding speed and caption length from "
-             "the experiment's own outputs; – where that experiment ran elsewhere).", ""]
+             "the experiment's own outputs; – where that experiment ran elsewhere). Train time and "
+             "decode speed are wall clock as each run went, with whatever else shared the machine "
+             "(parallel queue workers, their thread counts): compare them only between runs made "
+             "the same way.", ""]
     for path in files:
         rows = read_json(path)
         sweep = path.stem
