@@ -55,6 +55,16 @@ def run_stage(main):
         sys.exit(f"error: {e}")
 
 
+def interruptible(prog, parse_and_run, argv=None):
+    """A hand-in script's exit status: `parse_and_run(argv)`'s, or after Ctrl-C one line and 130
+    (as a shell reports SIGINT); its outputs are written whole at the end, so none was."""
+    try:
+        return parse_and_run(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted: nothing written", file=sys.stderr)
+        return 130
+
+
 def die_with_parent():
     """On Linux, have the kernel kill this process when its parent dies: a `dvc repro` killed
     with SIGKILL would otherwise leave the stage running on, writing outputs that no dvc.lock

@@ -17,10 +17,9 @@ import sys
 from pathlib import Path
 
 from common.params import int_at_least, load_params
-from common.errors import InputError, ParamsError
+from common.errors import InputError, ParamsError, interruptible
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
-EXIT_INTERRUPTED = 130   # Ctrl-C, as a shell reports SIGINT
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,11 +93,7 @@ def parse_and_run(argv=None):
 
 
 def main(argv=None):
-    try:
-        return parse_and_run(argv)
-    except KeyboardInterrupt:   # outputs are written whole at the end: none was
-        print("hw3_1: interrupted: nothing written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return interruptible("hw3_1", parse_and_run, argv)
 
 
 if __name__ == "__main__":
