@@ -72,7 +72,8 @@ def test_attention_without_sdpa_gives_the_same_outputs(monkeypatch):
             with torch.no_grad():
                 logits = model(model.context(visual), ids)
             runs.append((logits, [h.tokens for h in generate(model, visual, config, EOT_ID)]))
-        torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)
+        # fp32 in another summation order (the fused kernel's): 1.6e-5 apart seen on an AMD EPYC
+        torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-4, atol=1e-4)
         assert runs[1][1] == runs[0][1]
 
 
