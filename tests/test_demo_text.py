@@ -194,7 +194,8 @@ def test_stages_run_end_to_end(p2, tmp_path):
     threads = torch.get_num_threads()
     try:
         demo_gpt2.main(["--p2-data", str(folder), "--metrics", str(tmp_path / "m" / "demo_gpt2.json"),
-                        "--plots", str(tmp_path / "plots"), "--params", str(params)])
+                        "--plots", str(tmp_path / "plots"), "--params", str(params),
+                        "--log", str(tmp_path / "log.json")])   # not the repository's logs/
     finally:
         torch.set_num_threads(threads)  # the stage sets its own thread count for its process
     metrics = json.loads((tmp_path / "m" / "demo_gpt2.json").read_text())
