@@ -38,6 +38,7 @@ DEMO_GPT2 = GPT2Config(vocab_size=512, block_size=128, n_layer=4, n_head=4, n_em
 DEMO_N_HEAD = 4          # worlds/demo.yaml: world.decoder_heads
 COURSE_IMAGE = (640, 480)  # typical size of the course's COCO/Flickr images
 DEMO_IMAGE = (64, 64)
+DEMO_TOKENS = (5, 128)   # the demo CLIP at 64 px: 1 + 2 x 2 image tokens x 128
 
 
 def add_device_args(parser):

@@ -28,8 +28,8 @@ import statistics
 
 import torch
 
-from bench.common import (Stopwatch, add_device_args, build_variant, demo_decoder, real_decoder,
-                          use_device)
+from bench.common import (DEMO_TOKENS, Stopwatch, add_device_args, build_variant, demo_decoder,
+                          real_decoder, use_device)
 from captioning.decoding import DecodeConfig, NaiveStepper, _decode, generate
 
 SIDES = {
@@ -111,7 +111,7 @@ def main(argv=None):
     n = args.images or (8 if args.small else 4)
     if args.small:
         decoder, source = demo_decoder()
-        tokens, width = 10, 128   # the demo CLIP: 1 + 3 x 3 tokens x 128
+        tokens, width = DEMO_TOKENS
     else:
         decoder, source = real_decoder()
         tokens, width = 257, 1024   # ViT-L/14

@@ -16,8 +16,8 @@ import contextlib
 import loralib
 import torch
 
-from bench.common import (IdTokenizer, Stopwatch, add_device_args, build_variant, caption_batches,
-                          demo_decoder, real_decoder, training_steps, use_device)
+from bench.common import (DEMO_TOKENS, IdTokenizer, Stopwatch, add_device_args, build_variant,
+                          caption_batches, demo_decoder, real_decoder, training_steps, use_device)
 from bench.train import time_source
 from captioning.decoding import DecodeConfig, generate
 from captioning.peft.lora import MergedLinear
@@ -88,7 +88,7 @@ def main(argv=None):
     for size in args.sizes:
         if size == "demo":
             decoder, source = demo_decoder()
-            shape, batch, images = (10, 128), args.demo_batch, args.demo_images  # demo CLIP: 1 + 3 x 3 tokens
+            shape, batch, images = DEMO_TOKENS, args.demo_batch, args.demo_images
         else:
             decoder, source = real_decoder()
             shape, batch, images = (257, 1024), args.real_batch, args.real_images  # ViT-L/14

@@ -196,6 +196,15 @@ def caption_batch(token_lists, eot_id, max_len, width_multiple=1):
     return torch.from_numpy(input_ids), torch.from_numpy(targets), torch.from_numpy(attention_mask)
 
 
+def length_parts(token_lists, parts):
+    """The indices of `token_lists` sorted by length and cut into `parts` runs of (nearly) equal
+    size: sub-batches of similar length, each padded by caption_batch to its own longest caption
+    instead of all to the batch's longest (train.speed.length_parts)."""
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    size = -(-len(order) // parts)
+    return [order[start:start + size] for start in range(0, len(order), size)]
+
+
 def target_count(token_lists, max_len):
     """How many targets caption_batch gives these captions: each one's kept tokens + its end token.
     The weight of a batch's mean token loss in an average over tokens."""

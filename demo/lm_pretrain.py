@@ -19,7 +19,7 @@ from tqdm import tqdm
 from common.errors import ParamsError
 from common.atomic import atomic_open, atomic_path
 from captioning.gpt2 import GPT2, GPT2Config, course_state_dict, load_course_checkpoint
-from captioning.tokenizer import IGNORE_INDEX, caption_batch
+from captioning.tokenizer import IGNORE_INDEX, caption_batch, length_parts
 
 
 @dataclass
@@ -36,11 +36,13 @@ class LMConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
-    threads: int = 1             # the model is tiny: a 2nd thread gains little and collapses under contention
+    threads: int = 1             # torch CPU threads
     log_every: int = 10         # steps per point of the training-loss curve
+    length_parts: int = 1       # each batch as sub-batches of similar length (train.speed.length_parts)
 
     def __post_init__(self):
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "epochs", "batch_size", "log_every"):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "epochs", "batch_size", "log_every",
+                     "length_parts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.block_size < 2:
@@ -61,8 +63,15 @@ def lr_at(step, total_steps, cfg):
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def lm_loss(model, token_lists, eot_id, max_len):
-    """Mean cross-entropy over the counted targets of one batch, and how many targets counted."""
+def lm_loss(model, token_lists, eot_id, max_len, parts=1):
+    """Mean cross-entropy over the counted targets of one batch, and how many targets counted.
+    parts > 1: the same from that many sub-batches of similar length, each padded to its own
+    longest caption (captioning.tokenizer.length_parts)."""
+    if parts > 1 and len(token_lists) > 1:
+        losses = [lm_loss(model, [token_lists[i] for i in part], eot_id, max_len)
+                  for part in length_parts(token_lists, parts)]
+        count = sum(n for _, n in losses)
+        return sum(loss * (n / count) for loss, n in losses), count
     inputs, targets, _ = caption_batch(token_lists, eot_id, max_len)
     logits = model(inputs)
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -121,7 +130,7 @@ def train_lm(model, train_tokens, eot_id, cfg, val_tokens=None, progress=True):
             lr = lr_at(step, total_steps, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, _ = lm_loss(model, batch, eot_id, cfg.block_size)
+            loss, _ = lm_loss(model, batch, eot_id, cfg.block_size, cfg.length_parts)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

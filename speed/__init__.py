@@ -11,6 +11,10 @@ differently; bench/ measures what each pays, on the device it is meant for (docs
   of 257 x 1024 is far slower: bench/loader.py).
 - compile: the loss compiled by torch.compile; the CUDA-graph modes pad caption widths to a
   multiple of COMPILE_WIDTH_STEP, so that a handful of shapes are recorded.
+- length_parts: a batch's captions sorted by length and computed as this many sub-batches, each
+  padded to its own longest caption, their losses weighted by their share of the batch's targets:
+  the batch's mean token loss, summed in another order (so not bit for bit), with less padding,
+  which a compute-bound step (the CPU) pays for.
 """
 import contextlib
 import sys
@@ -29,11 +33,19 @@ class SpeedConfig:
     features_on_device: bool = True
     numpy_gather: bool = True
     compile: str = "none"  # a torch.compile mode of the training loss (COMPILE_MODES); none: eager
+    length_parts: int = 1  # sub-batches of similar caption length per batch (1: the batch whole)
 
     def __post_init__(self):
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"train.speed.compile={self.compile!r}: must be one of "
                              f"{', '.join(map(repr, COMPILE_MODES))}")
+        if self.length_parts < 1:
+            raise ValueError(f"train.speed.length_parts={self.length_parts!r}: must be at least 1")
+        if self.length_parts > 1 and self.compile in CUDA_GRAPH_MODES:
+            # a step would replay two graphs before its backward, and the second one's replay
+            # overwrites the first one's outputs
+            raise ValueError(f"train.speed.length_parts={self.length_parts} needs a compile mode "
+                             f"without CUDA graphs, not {self.compile!r}")
 
     @property
     def width_multiple(self):
@@ -60,6 +72,7 @@ class TrainingSpeedups:
                                           store_trainable)
         self.compiled = compiled_loss(model, config.compile, group_by_image)
         self.width_multiple = config.width_multiple
+        self.length_parts = config.length_parts
 
     def __enter__(self):
         self.stored.__enter__()

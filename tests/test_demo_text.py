@@ -9,7 +9,7 @@ import torch
 from common.params import from_section
 from tokenizers.pre_tokenizers import ByteLevel
 
-from demo.lm_pretrain import LMConfig, lr_at, pretrain, save_decoder
+from demo.lm_pretrain import LMConfig, lm_loss, lr_at, pretrain, save_decoder
 from demo.vocab import VocabConfig, build_demo_vocab, read_captions, train_vocab, write_vocab
 from captioning.gpt2 import load_course_checkpoint
 from captioning.tokenizer import EOT, Tokenizer
@@ -129,6 +129,25 @@ def test_training_lowers_the_loss(trained):
     assert metrics["val_perplexity_untrained"] == pytest.approx(math.exp(val_curve[0]["val_loss"]), rel=1e-4)
     assert metrics["val_perplexity"] == pytest.approx(math.exp(val_curve[-1]["val_loss"]), rel=1e-4)
     assert metrics["steps"] == train_curve[-1]["step"] == cfg.epochs * math.ceil(metrics["train_captions"] / cfg.batch_size)
+
+
+def test_length_parts_give_the_whole_batch_loss_and_gradients(trained, p2):
+    """demo_gpt2.length_parts: sub-batches of similar length, each padded to its own longest
+    caption: the whole batch's mean token loss and gradients, up to fp32 rounding."""
+    tok, cfg, model, _, _, _ = trained
+    batch = tok.encode_batch(read_captions(p2 / "train.json")[:24])
+    assert len({len(t) for t in batch}) > 2
+    results = []
+    for parts in (1, 3):
+        model.zero_grad(set_to_none=True)
+        loss, count = lm_loss(model, batch, tok.eot_id, cfg.block_size, parts)
+        loss.backward()
+        results.append((loss, count, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (whole, whole_count, whole_grads), (split, split_count, split_grads) = results
+    assert split_count == whole_count
+    torch.testing.assert_close(split, whole, rtol=1e-6, atol=0)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max())
 
 
 def test_pretraining_is_deterministic(trained, p2):

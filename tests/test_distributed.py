@@ -186,10 +186,12 @@ def test_extraction_by_two_processes_writes_the_files_of_one(world, tmp_path):
 
 
 @two_cores
-def test_training_by_two_processes_gives_the_weights_of_one(world, tmp_path):
-    """Through the stage's own relaunch (train.nproc_per_node: 2, as `dvc repro` runs it)."""
+@pytest.mark.parametrize("length_parts", [1, 2])
+def test_training_by_two_processes_gives_the_weights_of_one(world, tmp_path, length_parts):
+    """Through the stage's own relaunch (train.nproc_per_node: 2, as `dvc repro` runs it); with
+    train.speed.length_parts 2, each rank's share as two sub-batches in one forward."""
     two = copy(world, tmp_path / "two", "features")
-    set_params(two, train={"nproc_per_node": 2})
+    set_params(two, train={"nproc_per_node": 2, "speed": {"length_parts": length_parts}})
     saves = tmp_path / "saves"
     result = run(two, stage("train", "--variant", "lora"), tmp_path, HW3_TEST_SAVES=str(saves))
     assert "train.nproc_per_node: 2 processes: torchrun --standalone" in result.stderr

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from captioning.checkpoint import save_trainable
 from captioning.decoding import DecodeConfig, caption_features
-from captioning.tokenizer import caption_batch, target_count
+from captioning.tokenizer import caption_batch, length_parts, target_count
 from common.precision import DTYPES, autocast
 from evaluation.scoring import cider, tokenize_pair
 from speed import SpeedConfig, TrainingSpeedups
@@ -134,11 +134,19 @@ def lr_at(step, total, config):
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def batch_loss(model, pairs, image_rows, tokenizer, config, device, loss=None, width_multiple=1):
+def batch_loss(model, pairs, image_rows, tokenizer, config, device, loss=None, width_multiple=1,
+               parts=1):
     """The loss of a batch of (image row, caption ids) pairs by `loss` (default: model.loss), the
     captions padded to a multiple of `width_multiple`; `image_rows(indices)` gives the image
     tokens of table rows `indices` on the device. Each image of the batch is read and projected
-    once, however many of its captions the batch holds."""
+    once, however many of its captions the batch holds. parts > 1 (train.speed.length_parts):
+    the same mean token loss from that many sub-batches of captions of similar length."""
+    if parts > 1 and len(pairs) > 1:
+        chunks = [[pairs[i] for i in part] for part in length_parts([t for _, t in pairs], parts)]
+        counts = [target_count([t for _, t in chunk], config.max_caption_tokens) for chunk in chunks]
+        return sum(batch_loss(model, chunk, image_rows, tokenizer, config, device, loss,
+                              width_multiple) * (count / sum(counts))
+                   for chunk, count in zip(chunks, counts))
     rows = [i for i, _ in pairs]
     images = list(dict.fromkeys(rows))   # in order of first appearance
     image_index = None   # every caption its own image: caption b reads image b
@@ -185,7 +193,7 @@ def train_step(model, optimizer, params, batch, tokenizer, config, device, lr, f
     optimizer.zero_grad(set_to_none=True)
     fast.zero_grad()
     loss = batch_loss(model, batch, fast.rows, tokenizer, config, device,
-                      fast.loss if loss is None else loss, fast.width_multiple)
+                      fast.loss if loss is None else loss, fast.width_multiple, fast.length_parts)
     (loss if weight is None else loss * weight).backward()
     fast.grads_to_masters()
     for p in held:
