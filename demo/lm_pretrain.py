@@ -36,7 +36,7 @@ class LMConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
-    threads: int = 1             # torch CPU threads
+    threads: int = 0             # torch CPU threads; 0 = torch's default
     log_every: int = 10         # steps per point of the training-loss curve
     length_parts: int = 1       # each batch as sub-batches of similar length (train.speed.length_parts)
 
@@ -45,6 +45,8 @@ class LMConfig:
                      "length_parts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads} must be at least 0 (0: torch's default)")
         if self.block_size < 2:
             raise ValueError(f"block_size={self.block_size} must be at least 2")
 

@@ -36,7 +36,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cfg = from_section(LMConfig, load_params(args.params).get("demo_gpt2"),
                        f"{args.params}: demo_gpt2")
-    torch.set_num_threads(cfg.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
 
     p2 = Path(args.p2_data)
     text_dir = Path(args.text_dir) if args.text_dir else p2
