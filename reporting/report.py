@@ -352,8 +352,17 @@ def world_section(root, files):
     return lines
 
 
-def sweeps_section(root, out_dir):
-    """The sweeps compared by `python -m scripts.compare` (comparisons/<sweep>.json and .png)."""
+def stale_baseline(rows, variants):
+    """The variants whose val CIDEr in a comparison's baseline rows is not this run's: that sweep
+    ran against an earlier commit (its experiments then compare with numbers no longer shown)."""
+    return [r["variant"] for r in rows if r.get("experiment") == "baseline" and (
+        r.get("variant") not in variants
+        or r.get("cider") != variants[r["variant"]]["metrics"].get("cider"))]
+
+
+def sweeps_section(root, out_dir, variants):
+    """The sweeps compared by `python -m scripts.compare` (comparisons/<sweep>.json and .png),
+    each flagged when its baseline is not this run's (`variants`, load_variants)."""
     files = sorted((root / "comparisons").glob("*.json"))
     if not files:
         return []
@@ -368,7 +377,14 @@ def sweeps_section(root, out_dir):
     for path in files:
         rows = read_json(path)
         sweep = path.stem
-        lines += [f"### `{sweep}`", "", table(
+        lines += [f"### `{sweep}`", ""]
+        stale = stale_baseline(rows, variants)
+        if stale:
+            named = ", ".join(f"`{v}`" for v in stale)
+            lines += [f"**Stale**: this sweep's baseline scores of {named} are not this run's "
+                      "(above): its experiments ran against an earlier commit. Re-run "
+                      f"`python -m scripts.sweep {sweep} --run` and `python -m scripts.compare`.", ""]
+        lines += [table(
             ["experiment", "changed params", "variant", "CIDEr", "CLIPScore", "blind CIDEr",
              "trainable params", "train time", "decode captions/s", "words per caption"],
             [[r.get("experiment"), ", ".join(f"`{k}={v}`" for k, v in r.get("changes", {}).items())
@@ -445,7 +461,7 @@ def build_report(root, params, config, out_dir):
                   "Cosine similarity of each patch position's embedding with every other's (one "
                   "small map per position, laid out on the patch grid).", "",
                   f"![positional embedding similarity]({_copy(pos, out_dir, 'figures/pos_embed_similarity.png')})", ""]
-    lines += sweeps_section(root, out_dir)
+    lines += sweeps_section(root, out_dir, variants)
     lines += world_section(root, config.world_metrics)
     lines += reproduce_section(variants, {"zeroshot": zs, "attention": attention})
     shown = {k: params[k] for k in PARAM_SECTIONS if k in params}

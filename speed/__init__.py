@@ -2,7 +2,7 @@
 
 With every switch off, a training run is the plain loop of training/loop.py. Each trick gives
 the same numbers bit for bit (tests/test_speed.py), except `compile`, whose fused kernels round
-differently; bench/ measures what each pays, on the device it is meant for (docs/performance.md):
+differently, and `length_parts`, which sums the same loss in another order; bench/ measures what each pays, on the device it is meant for (docs/performance.md):
 - stored_weights: nn.Linear weights stored in the autocast dtype (StoredLinearWeights) instead of
   cast at every use: fewer operator calls per step, which bound a GPU step.
 - features_on_device: the whole image-token table on the GPU when it fits, so a step gathers its

@@ -71,6 +71,17 @@ def test_comparisons_are_written_for_sweeps_with_experiments(tmp_path):
     assert (tmp_path / "lora_rank.png").stat().st_size > 1000
 
 
+def test_a_sweep_whose_baseline_is_not_this_run_is_flagged_stale():
+    from reporting.report import stale_baseline
+    rows = [{"experiment": "baseline", "variant": "lora", "cider": 1.3},
+            {"experiment": "baseline", "variant": "adapter", "cider": 1.2},
+            {"experiment": "rank16", "variant": "lora", "cider": 1.4}]
+    now = lambda **cider: {v: {"metrics": {"cider": c}} for v, c in cider.items()}   # noqa: E731
+    assert stale_baseline(rows, now(lora=1.3, adapter=1.2)) == []
+    assert stale_baseline(rows, now(lora=1.5, adapter=1.2)) == ["lora"]
+    assert stale_baseline(rows, now(lora=1.3)) == ["adapter"]   # a variant no longer trained
+
+
 def test_sweeps_queue_one_named_experiment_per_point():
     assert list(points("lora_rank")) == ["4", "8", "16", "32"]
     commands = queue_commands("decoding")

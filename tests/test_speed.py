@@ -1,5 +1,5 @@
-"""speed/: each switch of `train.speed` leaves training as it was, bit for bit (compile: up to
-rounding), on a tiny captioner on the CPU; the bf16 runs take the GPU's code path."""
+"""speed/: each switch of `train.speed` leaves training as it was, bit for bit (compile and
+length_parts: up to rounding), on a tiny captioner on the CPU; the bf16 runs take the GPU's code path."""
 import random
 import shutil
 from dataclasses import replace
