@@ -57,11 +57,13 @@ def timed(run, batches):
 def captioner_settings(decoder, tok, table, parts, batch_size):
     """{label: a function timing a list of batches} for the captioner at each parts."""
     model = build_variant(decoder, "gated_cross:lora", DEMO_TOKENS[1], DEMO_TOKENS[0], perturb=True)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
 
     def setting(p):
         config = TrainConfig(batch_size=batch_size, speed=SpeedConfig(length_parts=p))
 
         def run(batches):
+            model.load_state_dict(start)
             with training_steps(model, table, tok, config, "cpu") as step:
                 return timed(lambda b: step(b, config.lr).item(), batches)
         return run
